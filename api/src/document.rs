@@ -57,7 +57,10 @@ pub fn parse_documents_unvalidated(text: &str) -> Result<Vec<(usize, Resource)>,
     if text.len() > MAX_INPUT_BYTES {
         return Err(DocumentError {
             index: 0,
-            message: format!("input is {} bytes; at most {MAX_INPUT_BYTES} are read", text.len()),
+            message: format!(
+                "input is {} bytes; at most {MAX_INPUT_BYTES} are read",
+                text.len()
+            ),
         });
     }
     let values: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| DocumentError {
@@ -71,7 +74,8 @@ pub fn parse_documents_unvalidated(text: &str) -> Result<Vec<(usize, Resource)>,
             continue;
         }
         for item in expand_list(value).map_err(|message| DocumentError { index, message })? {
-            let resource = resource_from_value(item).map_err(|message| DocumentError { index, message })?;
+            let resource =
+                resource_from_value(item).map_err(|message| DocumentError { index, message })?;
             out.push((index, resource));
         }
     }
@@ -104,12 +108,22 @@ fn expand_list(value: Value) -> Result<Vec<Value>, String> {
 /// structure. Does not run [`validate`].
 pub fn resource_from_value(value: Value) -> Result<Resource, String> {
     let Value::Object(map) = &value else {
-        return Err(format!("expected a resource (a mapping with apiVersion, kind, metadata, spec), found {}", type_name(&value)));
+        return Err(format!(
+            "expected a resource (a mapping with apiVersion, kind, metadata, spec), found {}",
+            type_name(&value)
+        ));
     };
     let kind_text = match map.get("kind") {
         Some(Value::String(k)) => k.clone(),
-        Some(other) => return Err(format!("kind: expected a string, found {}", type_name(other))),
-        None => return Err("kind: missing; one of Service, WorkloadGroup, Route, Policy".to_string()),
+        Some(other) => {
+            return Err(format!(
+                "kind: expected a string, found {}",
+                type_name(other)
+            ));
+        }
+        None => {
+            return Err("kind: missing; one of Service, WorkloadGroup, Route, Policy".to_string());
+        }
     };
     let kind = Kind::from_document(&kind_text).ok_or_else(|| {
         format!("kind: {kind_text:?} is not a hostmesh kind (Service, WorkloadGroup, Route, Policy, Workload)")
@@ -118,9 +132,16 @@ pub fn resource_from_value(value: Value) -> Result<Resource, String> {
     match map.get("apiVersion") {
         Some(Value::String(v)) if v == API_VERSION => {}
         Some(Value::String(v)) => {
-            return Err(format!("{what}: apiVersion: {v:?} is not supported; use {API_VERSION}"));
+            return Err(format!(
+                "{what}: apiVersion: {v:?} is not supported; use {API_VERSION}"
+            ));
         }
-        Some(other) => return Err(format!("{what}: apiVersion: expected a string, found {}", type_name(other))),
+        Some(other) => {
+            return Err(format!(
+                "{what}: apiVersion: expected a string, found {}",
+                type_name(other)
+            ));
+        }
         None => return Err(format!("{what}: apiVersion: missing; use {API_VERSION}")),
     }
     let typed = match kind {
@@ -136,7 +157,10 @@ pub fn resource_from_value(value: Value) -> Result<Resource, String> {
 /// `Service shop/web`, or as much of it as the document has.
 fn describe(kind: Kind, map: &serde_json::Map<String, Value>) -> String {
     let meta = map.get("metadata").and_then(Value::as_object);
-    let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("<no name>");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("<no name>");
     let ns = meta
         .and_then(|m| m.get("namespace"))
         .and_then(Value::as_str)
@@ -199,7 +223,8 @@ pub fn to_json_pretty(resource: &Resource) -> String {
 /// Pretty JSON of a list: `{"items": [...]}`.
 pub fn list_to_json_pretty(resources: &[Resource]) -> String {
     let items: Vec<Value> = resources.iter().map(Resource::to_value).collect();
-    serde_json::to_string_pretty(&serde_json::json!({ "items": items })).expect("a JSON value always serializes")
+    serde_json::to_string_pretty(&serde_json::json!({ "items": items }))
+        .expect("a JSON value always serializes")
 }
 
 #[cfg(test)]
@@ -251,12 +276,23 @@ spec:
     fn the_design_example_parses_and_round_trips_through_yaml_and_json() {
         let docs = parse_documents(ALL_KINDS).unwrap();
         let kinds: Vec<Kind> = docs.iter().map(Resource::kind).collect();
-        assert_eq!(kinds, vec![Kind::Service, Kind::WorkloadGroup, Kind::Route, Kind::Policy]);
+        assert_eq!(
+            kinds,
+            vec![
+                Kind::Service,
+                Kind::WorkloadGroup,
+                Kind::Route,
+                Kind::Policy
+            ]
+        );
         let yaml = list_to_yaml(&docs);
         assert_eq!(parse_documents(&yaml).unwrap(), docs, "yaml:\n{yaml}");
         let json = list_to_json_pretty(&docs);
         assert_eq!(parse_documents(&json).unwrap(), docs);
-        let multi: String = docs.iter().map(|d| format!("---\n{}", to_yaml(d))).collect();
+        let multi: String = docs
+            .iter()
+            .map(|d| format!("---\n{}", to_yaml(d)))
+            .collect();
         assert_eq!(parse_documents(&multi).unwrap(), docs, "multi:\n{multi}");
     }
 
@@ -280,22 +316,45 @@ spec:
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("document 1: Service default/web: spec.ports[0].protocol: unknown variant `udp`"), "{e}");
+        assert!(
+            e.contains(
+                "document 1: Service default/web: spec.ports[0].protocol: unknown variant `udp`"
+            ),
+            "{e}"
+        );
         let e = parse_documents("apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: {port: 80}}\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("spec.ports: invalid type: map, expected a sequence"), "{e}");
+        assert!(
+            e.contains("spec.ports: invalid type: map, expected a sequence"),
+            "{e}"
+        );
     }
 
     #[test]
     fn the_envelope_is_checked_first() {
         let cases = [
-            ("kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 1}]}\n", "Service default/a: apiVersion: missing"),
-            ("apiVersion: hostmesh/v2\nkind: Service\nmetadata: {name: a}\n", "apiVersion: \"hostmesh/v2\" is not supported"),
-            ("apiVersion: hostmesh/v1\nkind: Deployment\n", "kind: \"Deployment\" is not a hostmesh kind"),
-            ("apiVersion: hostmesh/v1\nmetadata: {name: a}\n", "kind: missing"),
+            (
+                "kind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 1}]}\n",
+                "Service default/a: apiVersion: missing",
+            ),
+            (
+                "apiVersion: hostmesh/v2\nkind: Service\nmetadata: {name: a}\n",
+                "apiVersion: \"hostmesh/v2\" is not supported",
+            ),
+            (
+                "apiVersion: hostmesh/v1\nkind: Deployment\n",
+                "kind: \"Deployment\" is not a hostmesh kind",
+            ),
+            (
+                "apiVersion: hostmesh/v1\nmetadata: {name: a}\n",
+                "kind: missing",
+            ),
             ("- a\n- b\n", "expected a resource"),
-            ("apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: a}\n", "missing field `spec`"),
+            (
+                "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: a}\n",
+                "missing field `spec`",
+            ),
         ];
         for (doc, want) in cases {
             let e = parse_documents(doc).unwrap_err().to_string();
@@ -305,7 +364,9 @@ spec:
 
     #[test]
     fn yaml_syntax_errors_are_reported() {
-        let e = parse_documents("apiVersion: hostmesh/v1\nkind: [unclosed\n").unwrap_err().to_string();
+        let e = parse_documents("apiVersion: hostmesh/v1\nkind: [unclosed\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("not valid YAML"), "{e}");
     }
 
@@ -315,12 +376,20 @@ spec:
             "{ALL_KINDS}---\napiVersion: hostmesh/v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec:\n  ports:\n    - {{port: 80}}\n    - {{port: 70000}}\n"
         );
         let e = parse_documents(&text).unwrap_err().to_string();
-        assert_eq!(e, "document 5: Service shop/web: spec.ports[1].port: 70000 is not a port number");
+        assert_eq!(
+            e,
+            "document 5: Service shop/web: spec.ports[1].port: 70000 is not a port number"
+        );
     }
 
     #[test]
     fn oversized_input_is_refused_before_parsing() {
         let big = "#".repeat(MAX_INPUT_BYTES + 1);
-        assert!(parse_documents(&big).unwrap_err().to_string().contains("at most"));
+        assert!(
+            parse_documents(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("at most")
+        );
     }
 }

@@ -100,7 +100,12 @@ mod tests {
 
     #[test]
     fn parses_and_prints_compact_forms() {
-        for (text, ms) in [("2s", 2000), ("500ms", 500), ("1m30s", 90_000), ("1h", 3_600_000)] {
+        for (text, ms) in [
+            ("2s", 2000),
+            ("500ms", 500),
+            ("1m30s", 90_000),
+            ("1h", 3_600_000),
+        ] {
             let d: Duration = text.parse().unwrap();
             assert_eq!(d.0.as_millis(), ms, "{text}");
             assert_eq!(d.to_string().parse::<Duration>().unwrap(), d);

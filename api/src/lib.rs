@@ -10,8 +10,12 @@
 //!   check a peer's SPIFFE identity; shared by the controller and meshd so
 //!   both ends of every connection apply the same rules.
 //!
-//! Nothing here opens a socket or touches storage.
+//! - [`connect`]: the TLS channel to the controller that meshctl and
+//!   meshd share.
+//!
+//! Nothing here touches storage; only [`connect`] opens sockets.
 
+pub mod clock;
 pub mod document;
 pub mod duration;
 pub mod resource;
@@ -22,3 +26,6 @@ pub mod proto {
     //! Generated from `proto/hostmesh/v1/hostmesh.proto`.
     tonic::include_proto!("hostmesh.v1");
 }
+pub mod connect;
+pub mod pki;
+pub mod tls;

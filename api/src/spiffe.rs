@@ -23,7 +23,9 @@ pub struct SpiffeId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{input:?} is not a SPIFFE ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<name>: {reason}")]
+#[error(
+    "{input:?} is not a SPIFFE ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<name>: {reason}"
+)]
 pub struct SpiffeIdError {
     pub input: String,
     pub reason: &'static str,
@@ -72,9 +74,9 @@ impl SpiffeId {
 pub fn is_valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 impl FromStr for SpiffeId {
@@ -85,10 +87,14 @@ impl FromStr for SpiffeId {
             input: input.to_string(),
             reason,
         };
-        let rest = input.strip_prefix("spiffe://").ok_or_else(|| err("must start with spiffe://"))?;
+        let rest = input
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| err("must start with spiffe://"))?;
         let (td, path) = rest.split_once('/').ok_or_else(|| err("has no path"))?;
         if !is_valid_trust_domain(td) {
-            return Err(err("the trust domain may hold only lowercase letters, digits, '.', '-' and '_'"));
+            return Err(err(
+                "the trust domain may hold only lowercase letters, digits, '.', '-' and '_'",
+            ));
         }
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
@@ -112,7 +118,11 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "spiffe://{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.name)
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.name
+        )
     }
 }
 

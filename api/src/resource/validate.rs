@@ -10,9 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::{
-    Kind, ObjectMeta, Policy, PolicyAction, Resource, Route, Service, WorkloadGroup,
-};
+use super::{Kind, ObjectMeta, Policy, PolicyAction, Resource, Route, Service, WorkloadGroup};
 use crate::spiffe::{SYSTEM_NAMESPACE, SpiffeId};
 
 /// One problem with one field.
@@ -94,7 +92,8 @@ pub fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -112,7 +111,8 @@ fn is_label_token(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
@@ -146,12 +146,18 @@ const MAX_ANNOTATIONS_BYTES: usize = 64 * 1024;
 
 fn check_meta(errors: &mut Errors, meta: &ObjectMeta) {
     if !is_dns_label(&meta.name) {
-        errors.add("metadata.name", format!("{:?} is not a valid name: {DNS_LABEL_RULE}", meta.name));
+        errors.add(
+            "metadata.name",
+            format!("{:?} is not a valid name: {DNS_LABEL_RULE}", meta.name),
+        );
     }
     if !is_dns_label(&meta.namespace) {
         errors.add(
             "metadata.namespace",
-            format!("{:?} is not a valid namespace: {DNS_LABEL_RULE}", meta.namespace),
+            format!(
+                "{:?} is not a valid namespace: {DNS_LABEL_RULE}",
+                meta.namespace
+            ),
         );
     } else if meta.namespace == SYSTEM_NAMESPACE {
         errors.add(
@@ -160,7 +166,11 @@ fn check_meta(errors: &mut Errors, meta: &ObjectMeta) {
         );
     }
     check_labels(errors, "metadata.labels", &meta.labels);
-    let size: usize = meta.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let size: usize = meta
+        .annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
     if size > MAX_ANNOTATIONS_BYTES {
         errors.add(
             "metadata.annotations",
@@ -169,7 +179,10 @@ fn check_meta(errors: &mut Errors, meta: &ObjectMeta) {
     }
     for k in meta.annotations.keys() {
         if !is_label_key(k) {
-            errors.add(format!("metadata.annotations.{k}"), format!("{k:?} is not a valid annotation key"));
+            errors.add(
+                format!("metadata.annotations.{k}"),
+                format!("{k:?} is not a valid annotation key"),
+            );
         }
     }
 }
@@ -188,7 +201,10 @@ fn check_method(errors: &mut Errors, path: &str, method: &str) {
     if !HTTP_METHODS.contains(&method) {
         errors.add(
             path,
-            format!("{method:?} is not an HTTP method (one of {})", HTTP_METHODS.join(", ")),
+            format!(
+                "{method:?} is not an HTTP method (one of {})",
+                HTTP_METHODS.join(", ")
+            ),
         );
     }
 }
@@ -199,7 +215,23 @@ fn is_header_name(s: &str) -> bool {
         && s.bytes().all(|b| {
             b.is_ascii_lowercase()
                 || b.is_ascii_digit()
-                || matches!(b, b'-' | b'_' | b'.' | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'^' | b'`' | b'|' | b'~')
+                || matches!(
+                    b,
+                    b'-' | b'_'
+                        | b'.'
+                        | b'!'
+                        | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'^'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
         })
 }
 
@@ -230,7 +262,10 @@ fn check_service(errors: &mut Errors, s: &Service) {
         errors.add("spec.ports", "a Service needs at least one port");
     }
     if ports.len() > MAX_PORTS {
-        errors.add("spec.ports", format!("{} ports; at most {MAX_PORTS} are allowed", ports.len()));
+        errors.add(
+            "spec.ports",
+            format!("{} ports; at most {MAX_PORTS} are allowed", ports.len()),
+        );
     }
     let mut seen_port: HashMap<u64, usize> = HashMap::new();
     let mut seen_name: HashMap<&str, usize> = HashMap::new();
@@ -241,44 +276,62 @@ fn check_service(errors: &mut Errors, s: &Service) {
             check_port(errors, &format!("{path}.targetPort"), t);
         }
         if let Some(first) = seen_port.insert(p.port, i) {
-            errors.add(format!("{path}.port"), format!("{} is already used by spec.ports[{first}]", p.port));
+            errors.add(
+                format!("{path}.port"),
+                format!("{} is already used by spec.ports[{first}]", p.port),
+            );
         }
         if let Some(name) = &p.name {
             if !is_dns_label(name) {
-                errors.add(format!("{path}.name"), format!("{name:?} is not a valid port name: {DNS_LABEL_RULE}"));
+                errors.add(
+                    format!("{path}.name"),
+                    format!("{name:?} is not a valid port name: {DNS_LABEL_RULE}"),
+                );
             }
             if let Some(first) = seen_name.insert(name, i) {
-                errors.add(format!("{path}.name"), format!("{name:?} is already used by spec.ports[{first}]"));
+                errors.add(
+                    format!("{path}.name"),
+                    format!("{name:?} is already used by spec.ports[{first}]"),
+                );
             }
         }
     }
-    if let Some(vip) = &s.spec.vip {
-        if vip.parse::<Ipv4Addr>().is_err() {
-            errors.add("spec.vip", format!("{vip:?} is not an IPv4 address"));
-        }
+    if let Some(vip) = &s.spec.vip
+        && vip.parse::<Ipv4Addr>().is_err()
+    {
+        errors.add("spec.vip", format!("{vip:?} is not an IPv4 address"));
     }
-    if let Some(vip6) = &s.spec.vip6 {
-        if vip6.parse::<Ipv6Addr>().is_err() {
-            errors.add("spec.vip6", format!("{vip6:?} is not an IPv6 address"));
-        }
+    if let Some(vip6) = &s.spec.vip6
+        && vip6.parse::<Ipv6Addr>().is_err()
+    {
+        errors.add("spec.vip6", format!("{vip6:?} is not an IPv6 address"));
     }
 }
 
 fn check_group(errors: &mut Errors, g: &WorkloadGroup) {
-    if let Some(id) = &g.spec.identity {
-        if !is_dns_label(id) {
-            errors.add("spec.identity", format!("{id:?} is not a valid identity name: {DNS_LABEL_RULE}"));
-        }
+    if let Some(id) = &g.spec.identity
+        && !is_dns_label(id)
+    {
+        errors.add(
+            "spec.identity",
+            format!("{id:?} is not a valid identity name: {DNS_LABEL_RULE}"),
+        );
     }
     check_labels(errors, "spec.labels", &g.spec.labels);
     let mut seen = HashMap::new();
     for (i, svc) in g.spec.services.iter().enumerate() {
         let path = format!("spec.services[{i}]");
         if !is_dns_label(svc) {
-            errors.add(&path, format!("{svc:?} is not a Service name: {DNS_LABEL_RULE}"));
+            errors.add(
+                &path,
+                format!("{svc:?} is not a Service name: {DNS_LABEL_RULE}"),
+            );
         }
         if let Some(first) = seen.insert(svc.as_str(), i) {
-            errors.add(&path, format!("{svc:?} is already listed at spec.services[{first}]"));
+            errors.add(
+                &path,
+                format!("{svc:?} is already listed at spec.services[{first}]"),
+            );
         }
     }
     let mut seen_ports = HashMap::new();
@@ -286,33 +339,51 @@ fn check_group(errors: &mut Errors, g: &WorkloadGroup) {
         let path = format!("spec.healthChecks[{i}]");
         check_port(errors, &format!("{path}.port"), hc.port);
         if let Some(first) = seen_ports.insert(hc.port, i) {
-            errors.add(format!("{path}.port"), format!("{} already has a check at spec.healthChecks[{first}]", hc.port));
+            errors.add(
+                format!("{path}.port"),
+                format!(
+                    "{} already has a check at spec.healthChecks[{first}]",
+                    hc.port
+                ),
+            );
         }
         match (hc.kind, &hc.path) {
             (super::HealthCheckType::Http, None) => {
-                errors.add(format!("{path}.path"), "an http check needs a path, e.g. /healthz");
+                errors.add(
+                    format!("{path}.path"),
+                    "an http check needs a path, e.g. /healthz",
+                );
             }
             (super::HealthCheckType::Http, Some(p)) if !p.starts_with('/') => {
                 errors.add(format!("{path}.path"), format!("{p:?} must start with '/'"));
             }
             (super::HealthCheckType::Tcp, Some(_)) => {
-                errors.add(format!("{path}.path"), "a tcp check has no path; set type: http");
+                errors.add(
+                    format!("{path}.path"),
+                    "a tcp check has no path; set type: http",
+                );
             }
             _ => {}
         }
         let interval = hc.interval.map(|d| d.get());
-        if let Some(d) = interval {
-            if d < std::time::Duration::from_secs(1) || d > MAX_TIMEOUT {
-                errors.add(format!("{path}.interval"), format!("{} is outside 1s..1h", hc.interval.unwrap_or_default()));
-            }
+        if let Some(d) = interval
+            && (d < std::time::Duration::from_secs(1) || d > MAX_TIMEOUT)
+        {
+            errors.add(
+                format!("{path}.interval"),
+                format!("{} is outside 1s..1h", hc.interval.unwrap_or_default()),
+            );
         }
         if let Some(t) = hc.timeout {
             if t.get().is_zero() {
                 errors.add(format!("{path}.timeout"), "must be more than 0s");
-            } else if let Some(d) = interval {
-                if t.get() >= d {
-                    errors.add(format!("{path}.timeout"), format!("{t} must be shorter than the interval"));
-                }
+            } else if let Some(d) = interval
+                && t.get() >= d
+            {
+                errors.add(
+                    format!("{path}.timeout"),
+                    format!("{t} must be shorter than the interval"),
+                );
             }
         }
     }
@@ -320,14 +391,23 @@ fn check_group(errors: &mut Errors, g: &WorkloadGroup) {
 
 fn check_route(errors: &mut Errors, r: &Route) {
     if !is_dns_label(&r.spec.service) {
-        errors.add("spec.service", format!("{:?} is not a Service name: {DNS_LABEL_RULE}", r.spec.service));
+        errors.add(
+            "spec.service",
+            format!(
+                "{:?} is not a Service name: {DNS_LABEL_RULE}",
+                r.spec.service
+            ),
+        );
     }
     let rules = &r.spec.rules;
     if rules.is_empty() {
         errors.add("spec.rules", "a Route needs at least one rule");
     }
     if rules.len() > MAX_RULES {
-        errors.add("spec.rules", format!("{} rules; at most {MAX_RULES} are allowed", rules.len()));
+        errors.add(
+            "spec.rules",
+            format!("{} rules; at most {MAX_RULES} are allowed", rules.len()),
+        );
     }
     for (i, rule) in rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
@@ -340,14 +420,20 @@ fn check_route(errors: &mut Errors, r: &Route) {
         }
         if let Some(m) = &rule.matches {
             let mpath = format!("{path}.match");
-            if let Some(p) = &m.path_prefix {
-                if !p.starts_with('/') {
-                    errors.add(format!("{mpath}.pathPrefix"), format!("{p:?} must start with '/'"));
-                }
+            if let Some(p) = &m.path_prefix
+                && !p.starts_with('/')
+            {
+                errors.add(
+                    format!("{mpath}.pathPrefix"),
+                    format!("{p:?} must start with '/'"),
+                );
             }
             if let Some(p) = &m.path {
                 if !p.starts_with('/') {
-                    errors.add(format!("{mpath}.path"), format!("{p:?} must start with '/'"));
+                    errors.add(
+                        format!("{mpath}.path"),
+                        format!("{p:?} must start with '/'"),
+                    );
                 }
                 if m.path_prefix.is_some() {
                     errors.add(format!("{mpath}.path"), "set path or pathPrefix, not both");
@@ -367,44 +453,65 @@ fn check_route(errors: &mut Errors, r: &Route) {
         }
         let backends = &rule.backends;
         if backends.is_empty() {
-            errors.add(format!("{path}.backends"), "a rule needs at least one backend");
+            errors.add(
+                format!("{path}.backends"),
+                "a rule needs at least one backend",
+            );
         }
         if backends.len() > MAX_BACKENDS {
-            errors.add(format!("{path}.backends"), format!("{} backends; at most {MAX_BACKENDS} are allowed", backends.len()));
+            errors.add(
+                format!("{path}.backends"),
+                format!(
+                    "{} backends; at most {MAX_BACKENDS} are allowed",
+                    backends.len()
+                ),
+            );
         }
         let mut total = 0u64;
         for (j, b) in backends.iter().enumerate() {
             let bpath = format!("{path}.backends[{j}]");
             if b.weight > MAX_WEIGHT {
-                errors.add(format!("{bpath}.weight"), format!("{} is more than {MAX_WEIGHT}", b.weight));
+                errors.add(
+                    format!("{bpath}.weight"),
+                    format!("{} is more than {MAX_WEIGHT}", b.weight),
+                );
             }
             total = total.saturating_add(b.weight);
             check_labels(errors, &format!("{bpath}.subset"), &b.subset);
         }
         if !backends.is_empty() && total == 0 {
-            errors.add(format!("{path}.backends"), "every weight is 0, so no request could be sent");
+            errors.add(
+                format!("{path}.backends"),
+                "every weight is 0, so no request could be sent",
+            );
         }
-        if let Some(t) = rule.timeout {
-            if t.get().is_zero() || t.get() > MAX_TIMEOUT {
-                errors.add(format!("{path}.timeout"), format!("{t} is outside (0s, 1h]"));
-            }
+        if let Some(t) = rule.timeout
+            && (t.get().is_zero() || t.get() > MAX_TIMEOUT)
+        {
+            errors.add(
+                format!("{path}.timeout"),
+                format!("{t} is outside (0s, 1h]"),
+            );
         }
         if let Some(retries) = &rule.retries {
             let rpath = format!("{path}.retries");
             if retries.attempts > MAX_RETRY_ATTEMPTS {
-                errors.add(format!("{rpath}.attempts"), format!("{} is more than {MAX_RETRY_ATTEMPTS}", retries.attempts));
+                errors.add(
+                    format!("{rpath}.attempts"),
+                    format!("{} is more than {MAX_RETRY_ATTEMPTS}", retries.attempts),
+                );
             }
             if let Some(pt) = retries.per_try_timeout {
                 if pt.get().is_zero() {
                     errors.add(format!("{rpath}.perTryTimeout"), "must be more than 0s");
                 }
-                if let Some(t) = rule.timeout {
-                    if pt.get() > t.get() {
-                        errors.add(
-                            format!("{rpath}.perTryTimeout"),
-                            format!("{pt} is longer than the rule's timeout {t}"),
-                        );
-                    }
+                if let Some(t) = rule.timeout
+                    && pt.get() > t.get()
+                {
+                    errors.add(
+                        format!("{rpath}.perTryTimeout"),
+                        format!("{pt} is longer than the rule's timeout {t}"),
+                    );
                 }
             }
         }
@@ -413,13 +520,28 @@ fn check_route(errors: &mut Errors, r: &Route) {
 
 fn check_policy(errors: &mut Errors, p: &Policy) {
     if !is_dns_label(&p.spec.service) {
-        errors.add("spec.service", format!("{:?} is not a Service name: {DNS_LABEL_RULE}", p.spec.service));
+        errors.add(
+            "spec.service",
+            format!(
+                "{:?} is not a Service name: {DNS_LABEL_RULE}",
+                p.spec.service
+            ),
+        );
     }
     if p.spec.action == PolicyAction::Deny && p.spec.rules.is_empty() {
-        errors.add("spec.rules", "a deny policy without rules denies nothing; add a rule");
+        errors.add(
+            "spec.rules",
+            "a deny policy without rules denies nothing; add a rule",
+        );
     }
     if p.spec.rules.len() > MAX_RULES {
-        errors.add("spec.rules", format!("{} rules; at most {MAX_RULES} are allowed", p.spec.rules.len()));
+        errors.add(
+            "spec.rules",
+            format!(
+                "{} rules; at most {MAX_RULES} are allowed",
+                p.spec.rules.len()
+            ),
+        );
     }
     for (i, rule) in p.spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
@@ -428,10 +550,15 @@ fn check_policy(errors: &mut Errors, p: &Policy) {
             match (&src.identity, &src.namespace) {
                 (Some(_), Some(_)) => errors.add(&spath, "set identity or namespace, not both"),
                 (None, None) => errors.add(&spath, "set identity or namespace"),
-                (Some(id), None) => check_identity_pattern(errors, &format!("{spath}.identity"), id),
+                (Some(id), None) => {
+                    check_identity_pattern(errors, &format!("{spath}.identity"), id)
+                }
                 (None, Some(ns)) => {
                     if !is_dns_label(ns) {
-                        errors.add(format!("{spath}.namespace"), format!("{ns:?} is not a valid namespace: {DNS_LABEL_RULE}"));
+                        errors.add(
+                            format!("{spath}.namespace"),
+                            format!("{ns:?} is not a valid namespace: {DNS_LABEL_RULE}"),
+                        );
                     }
                 }
             }
@@ -460,7 +587,10 @@ fn check_policy(errors: &mut Errors, p: &Policy) {
 fn check_identity_pattern(errors: &mut Errors, path: &str, id: &str) {
     if let Some(prefix) = id.strip_suffix('*') {
         if !prefix.starts_with("spiffe://") || prefix.contains('*') {
-            errors.add(path, format!("{id:?} must be a SPIFFE ID, optionally ending in '*'"));
+            errors.add(
+                path,
+                format!("{id:?} must be a SPIFFE ID, optionally ending in '*'"),
+            );
         }
     } else if let Err(e) = id.parse::<SpiffeId>() {
         errors.add(path, e.to_string());
@@ -480,10 +610,15 @@ impl Catalog for BTreeMap<(String, String), Service> {
 
 /// Checks what a resource points at: a Route's or Policy's Service, a
 /// WorkloadGroup's Services, and that HTTP-only settings meet HTTP ports.
-pub fn validate_references(resource: &Resource, catalog: &dyn Catalog) -> Result<(), ValidationError> {
+pub fn validate_references(
+    resource: &Resource,
+    catalog: &dyn Catalog,
+) -> Result<(), ValidationError> {
     let mut errors = Errors::new();
     let ns = &resource.metadata().namespace;
-    let missing = |svc: &str| format!("Service {ns}/{svc} does not exist; apply it first or in the same file");
+    let missing = |svc: &str| {
+        format!("Service {ns}/{svc} does not exist; apply it first or in the same file")
+    };
     match resource {
         Resource::Route(r) => match catalog.service(ns, &r.spec.service) {
             None => errors.add("spec.service", missing(&r.spec.service)),
@@ -525,7 +660,10 @@ pub fn validate_references(resource: &Resource, catalog: &dyn Catalog) -> Result
                             if !svc.spec.ports.iter().any(|sp| sp.port == *port) {
                                 errors.add(
                                     format!("{opath}.ports[{k}]"),
-                                    format!("Service {ns}/{} has no port {port}", svc.metadata.name),
+                                    format!(
+                                        "Service {ns}/{} has no port {port}",
+                                        svc.metadata.name
+                                    ),
                                 );
                             }
                         }
@@ -565,7 +703,10 @@ mod tests {
         let e = error_of(
             "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  ports:\n    - {port: 80}\n    - {port: 70000}\n",
         );
-        assert_eq!(e, "Service shop/web: spec.ports[1].port: 70000 is not a port number");
+        assert_eq!(
+            e,
+            "Service shop/web: spec.ports[1].port: 70000 is not a port number"
+        );
     }
 
     #[test]
@@ -573,15 +714,29 @@ mod tests {
         let e = error_of(
             "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: Web}\nspec:\n  ports:\n    - {port: 80, name: HTTP}\n    - {port: 80}\n",
         );
-        assert!(e.starts_with("Service default/Web: metadata.name: \"Web\" is not a valid name"), "{e}");
-        assert!(e.contains("spec.ports[0].name: \"HTTP\" is not a valid port name"), "{e}");
-        assert!(e.contains("spec.ports[1].port: 80 is already used by spec.ports[0]"), "{e}");
+        assert!(
+            e.starts_with("Service default/Web: metadata.name: \"Web\" is not a valid name"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.ports[0].name: \"HTTP\" is not a valid port name"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.ports[1].port: 80 is already used by spec.ports[0]"),
+            "{e}"
+        );
     }
 
     #[test]
     fn a_service_without_ports_is_refused() {
-        let e = error_of("apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: []}\n");
-        assert!(e.contains("spec.ports: a Service needs at least one port"), "{e}");
+        let e = error_of(
+            "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: []}\n",
+        );
+        assert!(
+            e.contains("spec.ports: a Service needs at least one port"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -589,7 +744,10 @@ mod tests {
         let e = error_of(
             "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}], vip: 240.240.0.300}\n",
         );
-        assert!(e.contains("spec.vip: \"240.240.0.300\" is not an IPv4 address"), "{e}");
+        assert!(
+            e.contains("spec.vip: \"240.240.0.300\" is not an IPv4 address"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -597,7 +755,10 @@ mod tests {
         let e = error_of(
             "apiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: web\n  rules:\n    - backends: [{weight: 1}]\n    - match: {pathPrefix: /a}\n      backends: [{weight: 1}]\n",
         );
-        assert!(e.contains("spec.rules[0]: a rule without a match takes every request"), "{e}");
+        assert!(
+            e.contains("spec.rules[0]: a rule without a match takes every request"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -635,8 +796,13 @@ mod tests {
 
     #[test]
     fn deny_policies_need_rules() {
-        let e = error_of("apiVersion: hostmesh/v1\nkind: Policy\nmetadata: {name: p}\nspec: {service: web, action: deny}\n");
-        assert!(e.contains("spec.rules: a deny policy without rules denies nothing"), "{e}");
+        let e = error_of(
+            "apiVersion: hostmesh/v1\nkind: Policy\nmetadata: {name: p}\nspec: {service: web, action: deny}\n",
+        );
+        assert!(
+            e.contains("spec.rules: a deny policy without rules denies nothing"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -644,7 +810,10 @@ mod tests {
         let e = error_of(
             "apiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: admin, namespace: hostmesh-system}\nspec: {}\n",
         );
-        assert!(e.contains("metadata.namespace: hostmesh-system is reserved"), "{e}");
+        assert!(
+            e.contains("metadata.namespace: hostmesh-system is reserved"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -665,7 +834,9 @@ mod tests {
     #[test]
     fn references_name_the_missing_service() {
         let catalog: BTreeMap<(String, String), Service> = BTreeMap::new();
-        let r = one("apiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r, namespace: shop}\nspec:\n  service: web\n  rules: [{backends: [{weight: 1}]}]\n");
+        let r = one(
+            "apiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r, namespace: shop}\nspec:\n  service: web\n  rules: [{backends: [{weight: 1}]}]\n",
+        );
         let e = validate_references(&r, &catalog).unwrap_err().to_string();
         assert_eq!(
             e,
@@ -676,16 +847,28 @@ mod tests {
     #[test]
     fn http_matches_on_a_tcp_service_are_refused() {
         let mut catalog: BTreeMap<(String, String), Service> = BTreeMap::new();
-        let Resource::Service(svc) = one("apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {ports: [{port: 5432}]}\n") else {
+        let Resource::Service(svc) = one(
+            "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {ports: [{port: 5432}]}\n",
+        ) else {
             panic!("not a service")
         };
         catalog.insert(("shop".into(), "db".into()), svc);
-        let r = one("apiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r, namespace: shop}\nspec:\n  service: db\n  rules: [{match: {pathPrefix: /}, backends: [{weight: 1}]}]\n");
+        let r = one(
+            "apiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r, namespace: shop}\nspec:\n  service: db\n  rules: [{match: {pathPrefix: /}, backends: [{weight: 1}]}]\n",
+        );
         let e = validate_references(&r, &catalog).unwrap_err().to_string();
-        assert!(e.contains("spec.rules[0]: Service shop/db has only tcp ports"), "{e}");
-        let p = one("apiVersion: hostmesh/v1\nkind: Policy\nmetadata: {name: p, namespace: shop}\nspec:\n  service: db\n  rules: [{to: [{ports: [80]}]}]\n");
+        assert!(
+            e.contains("spec.rules[0]: Service shop/db has only tcp ports"),
+            "{e}"
+        );
+        let p = one(
+            "apiVersion: hostmesh/v1\nkind: Policy\nmetadata: {name: p, namespace: shop}\nspec:\n  service: db\n  rules: [{to: [{ports: [80]}]}]\n",
+        );
         let e = validate_references(&p, &catalog).unwrap_err().to_string();
-        assert!(e.contains("spec.rules[0].to[0].ports[0]: Service shop/db has no port 80"), "{e}");
+        assert!(
+            e.contains("spec.rules[0].to[0].ports[0]: Service shop/db has no port 80"),
+            "{e}"
+        );
     }
 
     #[test]

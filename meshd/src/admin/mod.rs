@@ -1,0 +1,225 @@
+//! The admin port (127.0.0.1:15000): `/healthz`, `/ready`, `/config` (the
+//! mesh config in use, JSON), `/status` (what `meshd status` prints) and
+//! `/metrics` (Prometheus). It runs on the control runtime, so a slow
+//! scrape never shows in request latency.
+
+pub mod readiness;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::control::Control;
+use crate::identity::Identity;
+use crate::mesh::{MeshHandle, MeshState};
+use crate::tunnel::hbone::Pool;
+use readiness::Readiness;
+
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What the admin port reads from.
+pub struct AdminState {
+    pub registry: Registry,
+    pub mesh: Arc<MeshHandle>,
+    pub control: Arc<Control>,
+    pub identity: Arc<Identity>,
+    pub readiness: Readiness,
+    pub pool: Arc<Pool>,
+    /// Human lines: what nftables captures.
+    pub capture: watch::Receiver<Vec<String>>,
+    pub config_json: Value,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = crate::drain::wait_true(&mut shutdown) => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&req, &state)) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn json_response(v: &Value) -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_string_pretty(v).unwrap_or_default() + "\n",
+    )
+}
+
+fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" => {
+            let pending = state.readiness.pending();
+            if pending.is_empty() {
+                respond(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: waiting for {}\n", pending.join(", ")),
+                )
+            }
+        }
+        "/config" => json_response(&config_json(&state.mesh.load())),
+        "/status" => json_response(&status_json(state)),
+        "/metrics" => {
+            let mut body = String::new();
+            if prometheus_client::encoding::text::encode(&mut body, &state.registry).is_err() {
+                return respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding metrics failed\n".into(),
+                );
+            }
+            respond(StatusCode::OK, METRICS_CONTENT_TYPE, body)
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: /healthz /ready /config /status /metrics\n".into(),
+        ),
+    }
+}
+
+/// The config in use, as operators read it.
+pub fn config_json(st: &MeshState) -> Value {
+    let services: Vec<Value> = st
+        .services
+        .values()
+        .map(|s| {
+            json!({
+                "namespace": s.namespace,
+                "name": s.name,
+                "vips": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                "mtls": s.mtls.as_str(),
+                "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "targetPort": p.target, "protocol": p.protocol.as_str()})).collect::<Vec<_>>(),
+                "endpoints": s.endpoints.iter().map(|e| json!({
+                    "hostId": e.host_id,
+                    "address": e.address.to_string(),
+                    "tunnelPort": e.tunnel_port,
+                    "quic": e.quic,
+                    "identity": e.identity.to_string(),
+                    "labels": e.labels,
+                    "healthyPorts": e.healthy_ports,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let me = st.me.as_ref().map(|m| {
+        json!({
+            "hostId": m.host_id,
+            "namespace": m.namespace,
+            "group": m.group,
+            "identity": m.spiffe_id.to_string(),
+            "labels": m.labels,
+            "services": m.services.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(),
+            "vipRanges": m.vip_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        })
+    });
+    let served: serde_json::Map<String, Value> = st
+        .served
+        .iter()
+        .map(|(port, s)| {
+            (
+                port.to_string(),
+                json!({"services": s.services.iter().map(|(ns, n)| format!("{ns}/{n}")).collect::<Vec<_>>(), "mtls": s.mtls.as_str()}),
+            )
+        })
+        .collect();
+    json!({
+        "version": st.version,
+        "self": me,
+        "services": services,
+        "served": served,
+        "routes": st.routes.iter().map(|r| hostmesh_api::resource::Resource::Route((**r).clone()).to_value()).collect::<Vec<_>>(),
+        "policies": st.policies.iter().map(|p| hostmesh_api::resource::Resource::Policy((**p).clone()).to_value()).collect::<Vec<_>>(),
+        "trustBundlePins": st.bundle.as_ref().map(|b| b.pins()).unwrap_or_default(),
+    })
+}
+
+fn status_json(state: &AdminState) -> Value {
+    let cert = state.identity.cert_info();
+    let link = state.control.link().borrow().clone();
+    let mesh = state.mesh.load();
+    let tunnels: Vec<Value> = state
+        .pool
+        .connections()
+        .into_iter()
+        .map(|(peer, conns, streams)| json!({"peer": peer.addr.to_string(), "identity": peer.identity.to_string(), "connections": conns, "streams": streams}))
+        .collect();
+    json!({
+        "host": state.identity.host(),
+        "identity": state.identity.spiffe_id().to_string(),
+        "certificate": {
+            "notAfter": hostmesh_api::clock::rfc3339(cert.not_after_unix),
+            "renewAt": hostmesh_api::clock::rfc3339(state.identity.renewal_at()),
+            "serial": cert.serial_hex,
+        },
+        "controller": {
+            "url": state.identity.controller_url(),
+            "connected": link.connected,
+            "lastError": link.last_error,
+            "rejectedVersion": link.rejected_version,
+            "rejectReason": link.reject_reason,
+        },
+        "config": {"version": mesh.version, "loaded": state.mesh.is_loaded(), "services": mesh.services.len()},
+        "ready": state.readiness.pending().is_empty(),
+        "pending": state.readiness.pending(),
+        "captured": state.capture.borrow().clone(),
+        "tunnels": tunnels,
+        "settings": state.config_json,
+    })
+}

@@ -1,0 +1,401 @@
+//! meshd's configuration: `/etc/hostmesh/meshd.toml`. The file is optional
+//! and so is every field: the controller's address, the host's identity
+//! and its certificates come from what `meshd join` stored in the state
+//! directory. `validate()` runs once at start-up and names the field.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hostmesh_api::duration::Duration as Dur;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/hostmesh/meshd.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/hostmesh";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshdConfig {
+    /// Keys, certificates, host identity and the last good config.
+    pub state_dir: PathBuf,
+    /// The address other hosts reach this host on. Empty: the local
+    /// address of the route towards the controller.
+    pub address: String,
+    /// Reported to the controller; empty: the kernel's host name.
+    pub hostname: String,
+    pub controller: ControllerSection,
+    pub admin: AdminSection,
+    pub dns: DnsSection,
+    pub capture: CaptureSection,
+    pub proxy: ProxySection,
+    pub health: HealthSection,
+    pub log: LogSection,
+}
+
+impl Default for MeshdConfig {
+    fn default() -> Self {
+        MeshdConfig {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            address: String::new(),
+            hostname: String::new(),
+            controller: ControllerSection::default(),
+            admin: AdminSection::default(),
+            dns: DnsSection::default(),
+            capture: CaptureSection::default(),
+            proxy: ProxySection::default(),
+            health: HealthSection::default(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerSection {
+    /// Overrides the URL stored at join (e.g. after moving the controller).
+    pub url: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:15000".parse().expect("valid"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    pub enabled: bool,
+    /// Where meshd answers; nftables sends local port-53 queries here.
+    pub listen: Vec<SocketAddr>,
+    /// Redirect local processes' port-53 queries to meshd.
+    pub capture: bool,
+    /// Resolvers for non-mesh names; empty: those of `resolv_conf`.
+    pub upstreams: Vec<SocketAddr>,
+    pub resolv_conf: PathBuf,
+    pub cache_entries: usize,
+    /// TTL of mesh answers.
+    pub ttl: Dur,
+}
+
+impl Default for DnsSection {
+    fn default() -> Self {
+        DnsSection {
+            enabled: true,
+            listen: vec![
+                "127.0.0.1:15053".parse().expect("valid"),
+                "[::1]:15053".parse().expect("valid"),
+            ],
+            capture: true,
+            upstreams: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            cache_entries: 4096,
+            ttl: Dur::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureSection {
+    /// Install nftables capture (off: only explicit proxy use).
+    pub enabled: bool,
+    pub table: String,
+    /// Firewall mark on meshd's own sockets, so its traffic is never
+    /// captured.
+    pub mark: u32,
+    /// Never captured: SSH by default (the controller's port is added).
+    pub exclude_ports: Vec<u16>,
+    pub exclude_addrs: Vec<IpAddr>,
+    /// Add a route for the VIP ranges when the host has none.
+    pub vip_routes: bool,
+}
+
+impl Default for CaptureSection {
+    fn default() -> Self {
+        CaptureSection {
+            enabled: true,
+            table: "hostmesh".to_string(),
+            mark: 0x4d5348,
+            exclude_ports: vec![22],
+            exclude_addrs: Vec::new(),
+            vip_routes: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Quic,
+    /// QUIC where the peer offers it, falling back to TCP.
+    Auto,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySection {
+    pub outbound_port: u16,
+    pub tunnel_port: u16,
+    /// Which transport to open tunnels with.
+    pub transport: Transport,
+    /// Accept QUIC tunnels on UDP `tunnel_port`.
+    pub quic_listen: bool,
+    /// Where the local apps listen (meshd connects there for inbound).
+    pub app_address: IpAddr,
+    pub connect_timeout: Dur,
+    /// Open connections get this long to finish at shutdown.
+    pub drain_timeout: Dur,
+    /// Tunnel connections per peer host at most.
+    pub max_connections_per_peer: usize,
+    /// Worker threads for the data plane (0: one per core).
+    pub worker_threads: usize,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        ProxySection {
+            outbound_port: 15001,
+            tunnel_port: 15008,
+            transport: Transport::Tcp,
+            quic_listen: true,
+            app_address: "127.0.0.1".parse().expect("valid"),
+            connect_timeout: Dur::from_secs(5),
+            drain_timeout: Dur::from_secs(10),
+            max_connections_per_peer: 4,
+            worker_threads: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    pub interval: Dur,
+    pub timeout: Dur,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            interval: Dur::from_secs(5),
+            timeout: Dur::from_secs(1),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// "json" or "text".
+    pub format: String,
+    pub level: String,
+    /// One JSON line per proxied connection.
+    pub access_log: bool,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: "json".to_string(),
+            level: "info".to_string(),
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+impl MeshdConfig {
+    pub fn from_toml(text: &str, path: &str) -> Result<MeshdConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads `path`; a missing file is an error only when `required`.
+    pub fn load(path: &Path, required: bool) -> Result<MeshdConfig, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => MeshdConfig::from_toml(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(MeshdConfig::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Ports meshd itself listens on; no mesh service may use them on this
+    /// host.
+    pub fn own_ports(&self) -> Vec<u16> {
+        let mut ports = vec![
+            self.proxy.outbound_port,
+            self.proxy.tunnel_port,
+            self.admin.listen.port(),
+        ];
+        if self.dns.enabled {
+            ports.extend(self.dns.listen.iter().map(|a| a.port()));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.address.is_empty() && self.address.parse::<IpAddr>().is_err() {
+            return Err(invalid(
+                "address",
+                format!("{:?} is not an IP address", self.address),
+            ));
+        }
+        if !self.controller.url.is_empty() && !self.controller.url.starts_with("https://") {
+            return Err(invalid(
+                "controller.url",
+                format!("{:?} must start with https://", self.controller.url),
+            ));
+        }
+        for (field, port) in [
+            ("proxy.outbound_port", self.proxy.outbound_port),
+            ("proxy.tunnel_port", self.proxy.tunnel_port),
+        ] {
+            if port == 0 {
+                return Err(invalid(field, "0 is not a port number"));
+            }
+        }
+        if self.proxy.outbound_port == self.proxy.tunnel_port {
+            return Err(invalid(
+                "proxy.tunnel_port",
+                "must differ from proxy.outbound_port",
+            ));
+        }
+        if self.dns.enabled && self.dns.listen.is_empty() {
+            return Err(invalid(
+                "dns.listen",
+                "needs at least one address when dns.enabled",
+            ));
+        }
+        if self.dns.capture && !self.dns.enabled {
+            return Err(invalid("dns.capture", "needs dns.enabled"));
+        }
+        if self.dns.cache_entries > 1_000_000 {
+            return Err(invalid("dns.cache_entries", "at most 1000000"));
+        }
+        if self.capture.mark == 0 {
+            return Err(invalid(
+                "capture.mark",
+                "must not be 0 (unmarked packets carry 0)",
+            ));
+        }
+        let table_ok = !self.capture.table.is_empty()
+            && self.capture.table.len() <= 32
+            && self
+                .capture
+                .table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !table_ok {
+            return Err(invalid(
+                "capture.table",
+                format!(
+                    "{:?} must be 1-32 letters, digits, '_' or '-'",
+                    self.capture.table
+                ),
+            ));
+        }
+        if self.proxy.connect_timeout.get() < Duration::from_millis(50) {
+            return Err(invalid("proxy.connect_timeout", "must be at least 50ms"));
+        }
+        if self.proxy.max_connections_per_peer == 0 || self.proxy.max_connections_per_peer > 64 {
+            return Err(invalid("proxy.max_connections_per_peer", "must be 1..=64"));
+        }
+        if self.proxy.worker_threads > 256 {
+            return Err(invalid("proxy.worker_threads", "at most 256"));
+        }
+        let interval = self.health.interval.get();
+        if interval < Duration::from_millis(100) || interval > Duration::from_secs(300) {
+            return Err(invalid(
+                "health.interval",
+                format!("{} is outside 100ms..5m", self.health.interval),
+            ));
+        }
+        if self.health.timeout.get() >= interval {
+            return Err(invalid(
+                "health.timeout",
+                "must be shorter than health.interval",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "json" | "text") {
+            return Err(invalid(
+                "log.format",
+                format!("{:?} is not json or text", self.log.format),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_a_valid_config() {
+        let cfg = MeshdConfig::from_toml("", "t").unwrap();
+        assert_eq!(cfg, MeshdConfig::default());
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let e = MeshdConfig::from_toml("[proxy]\noutbond_port = 1\n", "/etc/hostmesh/meshd.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("outbond_port"), "{e}");
+        for (text, want) in [
+            ("address = \"nope\"", "address:"),
+            ("[proxy]\ntunnel_port = 15001", "proxy.tunnel_port:"),
+            ("[capture]\ntable = \"bad name\"", "capture.table:"),
+            (
+                "[health]\ninterval = \"1s\"\ntimeout = \"2s\"",
+                "health.timeout:",
+            ),
+            ("[controller]\nurl = \"http://x\"", "controller.url:"),
+        ] {
+            let e = MeshdConfig::from_toml(text, "t")
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
+    }
+}

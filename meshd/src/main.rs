@@ -1,0 +1,380 @@
+//! `meshd`: parses the command line and runs one of join, run, status,
+//! cleanup.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hostmesh_meshd::app::{Meshd, Runtimes};
+use hostmesh_meshd::config::{DEFAULT_CONFIG_PATH, DEFAULT_STATE_DIR, MeshdConfig};
+use hostmesh_meshd::identity::join::{self, JoinArgs, JoinOutcome};
+use hostmesh_meshd::identity::store::{StateDir, lookup_user};
+
+#[derive(Parser)]
+#[command(name = "meshd", version, about = "The hostmesh host daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a mesh: make a key, get a certificate with a join token.
+    Join {
+        /// https://HOST:PORT of the controller.
+        #[arg(long)]
+        controller: String,
+        /// The join token (visible in `ps`; prefer --token-file or
+        /// HOSTMESH_JOIN_TOKEN).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// sha256:HEX of the controller's CA, as `meshctl token create`
+        /// prints it.
+        #[arg(long)]
+        ca_hash: String,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Join again although this host has joined already.
+        #[arg(long)]
+        force: bool,
+        /// The user meshd runs as; it will own the state files.
+        #[arg(long, default_value = "meshd")]
+        user: String,
+    },
+    /// Run the daemon.
+    Run {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Show what the local meshd is doing (from its admin port).
+    Status {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the capture table and routes (ExecStopPost; safe after a
+    /// crash).
+    Cleanup {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>, state_dir: Option<&PathBuf>) -> Result<MeshdConfig, String> {
+    let (path, required) = match path {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let mut config = MeshdConfig::load(&path, required).map_err(|e| e.to_string())?;
+    if let Some(s) = state_dir {
+        config.state_dir = s.clone();
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn init_logging(config: &MeshdConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    hostmesh_api::tls::install_default_provider();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Join {
+            controller,
+            token,
+            token_file,
+            ca_hash,
+            state_dir,
+            force,
+            user,
+        } => run_join(
+            controller, token, token_file, ca_hash, state_dir, force, user,
+        ),
+        Command::Run { config, state_dir } => run_daemon(config, state_dir),
+        Command::Status { admin, json } => run_status(admin, json),
+        Command::Cleanup { config } => run_cleanup(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn current_thread() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_join(
+    controller: String,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_hash: String,
+    state_dir: PathBuf,
+    force: bool,
+    user: String,
+) -> Result<(), String> {
+    let token = match (token, token_file) {
+        (Some(t), _) => t,
+        (None, Some(f)) => {
+            let t = std::fs::read_to_string(&f)
+                .map_err(|e| format!("reading join token from {}: {e}", f.display()))?;
+            if t.trim().is_empty() {
+                return Err(format!(
+                    "reading join token from {}: file is empty",
+                    f.display()
+                ));
+            }
+            t
+        }
+        (None, None) => match std::env::var("HOSTMESH_JOIN_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t,
+            _ => {
+                return Err(
+                    "no join token: use --token-file FILE, HOSTMESH_JOIN_TOKEN, or --token"
+                        .to_string(),
+                );
+            }
+        },
+    };
+    let owner = lookup_user(&user);
+    if owner.is_none() && user != "root" {
+        eprintln!(
+            "meshd: note: user {user:?} does not exist; the state files stay owned by the current user"
+        );
+    }
+    let args = JoinArgs {
+        controller,
+        token,
+        ca_pin: ca_hash,
+        force,
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        state: StateDir::new(state_dir.clone(), owner),
+    };
+    let now = hostmesh_api::clock::unix_seconds(std::time::SystemTime::now());
+    let outcome = current_thread()?
+        .block_on(join::join(args, now))
+        .map_err(|e| e.to_string())?;
+    match outcome {
+        JoinOutcome::AlreadyJoined(h) => eprintln!(
+            "meshd: this host has already joined as {} ({}) in {}; nothing changed (use --force to join again)",
+            h.host_id,
+            h.spiffe_id,
+            state_dir.display()
+        ),
+        JoinOutcome::Joined(h) => eprintln!(
+            "meshd: joined as {} ({}, group {}/{}); start the daemon with: systemctl start meshd",
+            h.host_id, h.spiffe_id, h.namespace, h.group
+        ),
+    }
+    Ok(())
+}
+
+fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(), String> {
+    let config = load_config(config_path.as_ref(), state_dir.as_ref())?;
+    init_logging(&config);
+    let mut data = tokio::runtime::Builder::new_multi_thread();
+    data.enable_all().thread_name("meshd-data");
+    if config.proxy.worker_threads > 0 {
+        data.worker_threads(config.proxy.worker_threads);
+    }
+    let data = data
+        .build()
+        .map_err(|e| format!("starting the data runtime: {e}"))?;
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the control runtime: {e}"))?;
+    let control_handle = control.handle().clone();
+    let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control_thread = std::thread::Builder::new()
+        .name("meshd-control".into())
+        .spawn(move || {
+            control.block_on(async {
+                let _ = control_stopped.await;
+            });
+        })
+        .map_err(|e| format!("starting the control thread: {e}"))?;
+    let result = data.block_on(async move {
+        let meshd = Meshd::start(
+            config,
+            hostmesh_api::clock::system(),
+            Runtimes {
+                data: tokio::runtime::Handle::current(),
+                control: control_handle.clone(),
+            },
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+        let readiness = meshd.readiness.clone();
+        tokio::spawn(async move {
+            readiness.wait().await;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            tracing::info!("ready");
+        });
+        if let Some(interval) = sd_notify::watchdog_enabled() {
+            tokio::spawn(watchdog(interval, control_handle));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        meshd.shutdown().await;
+        tracing::info!("stopped");
+        Ok::<(), String>(())
+    });
+    let _ = stop_control.send(());
+    let _ = control_thread.join();
+    result
+}
+
+/// Pings systemd's watchdog only while both runtimes run tasks: this task
+/// runs on the data runtime and waits for a round trip through the control
+/// runtime each time.
+async fn watchdog(interval: Duration, control: tokio::runtime::Handle) {
+    let every = interval / 2;
+    loop {
+        tokio::time::sleep(every).await;
+        let probe = control.spawn(async {});
+        if tokio::time::timeout(every, probe).await.is_ok() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("the control runtime did not answer; not pinging the watchdog");
+        }
+    }
+}
+
+fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
+    let body = current_thread()?.block_on(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect(admin),
+        )
+        .await
+        .map_err(|_| format!("meshd's admin port {admin} does not answer"))?
+        .map_err(|e| format!("meshd's admin port {admin}: {e} (is meshd running?)"))?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .map_err(|_| "meshd's admin port did not finish answering".to_string())?
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok::<String, String>(body)
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("unreadable status from meshd: {e}"))?;
+    let mut out = String::new();
+    if json {
+        out = serde_json::to_string_pretty(&v).unwrap_or_default();
+    } else {
+        let s = |p: &str| {
+            v.pointer(p)
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
+                .unwrap_or_default()
+        };
+        out.push_str(&format!(
+            "host:        {} ({})\n",
+            s("/host/hostId"),
+            s("/identity")
+        ));
+        out.push_str(&format!("ready:       {} {}\n", s("/ready"), s("/pending")));
+        out.push_str(&format!(
+            "controller:  {} connected={} {}\n",
+            s("/controller/url"),
+            s("/controller/connected"),
+            s("/controller/lastError")
+        ));
+        out.push_str(&format!(
+            "config:      version {} ({} services)\n",
+            s("/config/version"),
+            s("/config/services")
+        ));
+        if s("/controller/rejectedVersion") != "0" {
+            out.push_str(&format!(
+                "rejected:    version {}: {}\n",
+                s("/controller/rejectedVersion"),
+                s("/controller/rejectReason")
+            ));
+        }
+        out.push_str(&format!(
+            "certificate: valid until {}, renews at {}\n",
+            s("/certificate/notAfter"),
+            s("/certificate/renewAt")
+        ));
+        out.push_str("captured:\n");
+        if let Some(lines) = v.pointer("/captured").and_then(|c| c.as_array()) {
+            for l in lines {
+                out.push_str(&format!("  {}\n", l.as_str().unwrap_or_default()));
+            }
+        }
+        if let Some(tunnels) = v.pointer("/tunnels").and_then(|c| c.as_array()) {
+            out.push_str(&format!("tunnels:     {} peers\n", tunnels.len()));
+        }
+    }
+    print_out(&out);
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn print_out(s: &str) {
+    println!("{}", s.trim_end());
+}
+
+fn run_cleanup(config_path: Option<PathBuf>) -> Result<(), String> {
+    let config = load_config(config_path.as_ref(), None)?;
+    current_thread()?.block_on(async {
+        let removed = hostmesh_meshd::capture::remove(&config.capture.table)
+            .await
+            .map_err(|e| e.to_string())?;
+        let routes = hostmesh_meshd::capture::remove_vip_routes()
+            .await
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "meshd: cleanup: {} table inet {}, removed {routes} VIP route(s)",
+            if removed { "removed" } else { "no" },
+            config.capture.table
+        );
+        Ok(())
+    })
+}

@@ -1,0 +1,664 @@
+//! What meshd knows of the mesh, built from a [`Snapshot`] and checked
+//! before use: services with their VIPs, ports and endpoints, indexed the
+//! ways the data plane looks them up (by VIP, by an endpoint's real
+//! address), the services this host serves, routes, policies and the trust
+//! bundle.
+//!
+//! [`MeshState::build`] is where a bad update is caught. Besides structure
+//! (addresses, ports, identities, resources that parse and validate) it
+//! checks what only this host can know: a service it serves must not use
+//! one of meshd's own ports here. A failed build rejects the update (a
+//! NACK with the reason); the last good state keeps serving.
+
+pub mod snapshot;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use hostmesh_api::document::resource_from_json;
+use hostmesh_api::proto::config_entry::Body;
+use hostmesh_api::proto::{EndpointConfig, SelfConfig, ServiceConfig};
+use hostmesh_api::resource::validate::{is_dns_label, validate};
+use hostmesh_api::resource::{MtlsMode, Policy, Protocol, Resource, Route};
+use hostmesh_api::spiffe::SpiffeId;
+use hostmesh_api::tls::TrustBundle;
+use ipnet::IpNet;
+
+pub use snapshot::Snapshot;
+
+/// This host, as the controller describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelfInfo {
+    pub host_id: String,
+    pub namespace: String,
+    pub group: String,
+    pub spiffe_id: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+    /// (namespace, name) of the services this host serves.
+    pub services: Vec<(String, String)>,
+    pub trust_domain: String,
+    pub vip_ranges: Vec<IpNet>,
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// How to check one local port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    /// None: a TCP connect; Some(path): an HTTP GET answered 2xx or 3xx.
+    pub http_path: Option<String>,
+    pub interval: Option<std::time::Duration>,
+    pub timeout: Option<std::time::Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortState {
+    pub name: String,
+    pub port: u16,
+    pub target: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct EndpointState {
+    pub host_id: String,
+    pub address: IpAddr,
+    pub tunnel_port: u16,
+    pub quic: bool,
+    pub identity: SpiffeId,
+    pub labels: BTreeMap<String, String>,
+    pub healthy_ports: Vec<u16>,
+}
+
+impl EndpointState {
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.tunnel_port)
+    }
+
+    pub fn is_healthy(&self, target: u16) -> bool {
+        self.healthy_ports.contains(&target)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    pub namespace: String,
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortState>,
+    pub mtls: MtlsMode,
+    pub endpoints: Vec<Arc<EndpointState>>,
+}
+
+impl ServiceState {
+    pub fn port(&self, port: u16) -> Option<&PortState> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    pub fn port_by_target(&self, target: u16) -> Option<&PortState> {
+        self.ports.iter().find(|p| p.target == target)
+    }
+
+    pub fn fqdn(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+}
+
+/// A local port of a service this host serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedPort {
+    pub services: Vec<(String, String)>,
+    /// Strict when any of its services is.
+    pub mtls: MtlsMode,
+}
+
+/// What only this host knows, for the checks in [`MeshState::build`].
+#[derive(Clone, Debug, Default)]
+pub struct HostLimits {
+    pub host_id: String,
+    pub trust_domain: String,
+    /// meshd's own ports on this host.
+    pub own_ports: Vec<u16>,
+}
+
+#[derive(Debug, Default)]
+pub struct MeshState {
+    pub version: u64,
+    pub me: Option<SelfInfo>,
+    pub services: BTreeMap<(String, String), Arc<ServiceState>>,
+    pub by_vip: HashMap<IpAddr, Arc<ServiceState>>,
+    /// An endpoint's real address and target port -> its service (and the
+    /// service port clients would use).
+    pub by_endpoint: HashMap<SocketAddr, (Arc<ServiceState>, u16)>,
+    pub served: HashMap<u16, ServedPort>,
+    pub routes: Vec<Arc<Route>>,
+    pub policies: Vec<Arc<Policy>>,
+    pub bundle: Option<TrustBundle>,
+    pub bundle_pem: String,
+}
+
+fn port16(v: u32, what: &str) -> Result<u16, String> {
+    match u16::try_from(v) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!("{what}: {v} is not a port number")),
+    }
+}
+
+impl MeshState {
+    /// Checks a snapshot and builds the state it describes.
+    pub fn build(snapshot: &Snapshot, limits: &HostLimits) -> Result<MeshState, String> {
+        let mut state = MeshState {
+            version: snapshot.version,
+            ..MeshState::default()
+        };
+        let mut trust_domain = limits.trust_domain.clone();
+        // `self` first: the rest is checked against it.
+        if let Some(e) = snapshot.entries.get("self") {
+            match &e.body {
+                Some(Body::SelfConfig(s)) => {
+                    let me = self_info(s, limits)?;
+                    trust_domain = me.trust_domain.clone();
+                    state.me = Some(me);
+                }
+                _ => return Err("entry \"self\" is not a host description".to_string()),
+            }
+        }
+        for (name, entry) in &snapshot.entries {
+            let Some(body) = &entry.body else {
+                return Err(format!("entry {name:?} has no body"));
+            };
+            match body {
+                Body::Service(s) => {
+                    let svc =
+                        service_state(s, &trust_domain).map_err(|e| format!("{name}: {e}"))?;
+                    if format!("service/{}/{}", svc.namespace, svc.name) != *name {
+                        return Err(format!(
+                            "entry {name:?} holds service {}/{}",
+                            svc.namespace, svc.name
+                        ));
+                    }
+                    state
+                        .services
+                        .insert((svc.namespace.clone(), svc.name.clone()), Arc::new(svc));
+                }
+                Body::RouteJson(json) => match resource_from_json(json) {
+                    Ok(r @ Resource::Route(_)) => {
+                        validate(&r).map_err(|e| format!("{name}: {e}"))?;
+                        if let Resource::Route(route) = r {
+                            state.routes.push(Arc::new(route));
+                        }
+                    }
+                    Ok(_) => return Err(format!("{name}: not a Route")),
+                    Err(e) => return Err(format!("{name}: {e}")),
+                },
+                Body::PolicyJson(json) => match resource_from_json(json) {
+                    Ok(r @ Resource::Policy(_)) => {
+                        validate(&r).map_err(|e| format!("{name}: {e}"))?;
+                        if let Resource::Policy(p) = r {
+                            state.policies.push(Arc::new(p));
+                        }
+                    }
+                    Ok(_) => return Err(format!("{name}: not a Policy")),
+                    Err(e) => return Err(format!("{name}: {e}")),
+                },
+                Body::Bundle(b) => {
+                    let bundle =
+                        TrustBundle::from_pem(&b.trust_domain, &b.roots_pem, "trust bundle")
+                            .map_err(|e| format!("{name}: {e}"))?;
+                    if !trust_domain.is_empty() && b.trust_domain != trust_domain {
+                        return Err(format!(
+                            "{name}: trust domain {:?} is not this host's {trust_domain:?}",
+                            b.trust_domain
+                        ));
+                    }
+                    state.bundle_pem = b.roots_pem.clone();
+                    state.bundle = Some(bundle);
+                }
+                Body::SelfConfig(_) => {}
+            }
+        }
+        state.index(limits)?;
+        Ok(state)
+    }
+
+    fn index(&mut self, limits: &HostLimits) -> Result<(), String> {
+        let ranges = self
+            .me
+            .as_ref()
+            .map(|m| m.vip_ranges.clone())
+            .unwrap_or_default();
+        let mut ambiguous = Vec::new();
+        for svc in self.services.values() {
+            for vip in &svc.vips {
+                if !ranges.is_empty() && !ranges.iter().any(|r| r.contains(vip)) {
+                    return Err(format!(
+                        "service {}: VIP {vip} is outside the mesh's VIP ranges",
+                        svc.fqdn()
+                    ));
+                }
+                if let Some(other) = self.by_vip.insert(*vip, svc.clone()) {
+                    return Err(format!(
+                        "VIP {vip} belongs to both {} and {}",
+                        other.fqdn(),
+                        svc.fqdn()
+                    ));
+                }
+            }
+            for ep in &svc.endpoints {
+                for p in &svc.ports {
+                    let addr = SocketAddr::new(ep.address, p.target);
+                    match self.by_endpoint.get(&addr) {
+                        Some((other, _)) if !Arc::ptr_eq(other, svc) => ambiguous.push(addr),
+                        _ => {
+                            self.by_endpoint.insert(addr, (svc.clone(), p.port));
+                        }
+                    }
+                }
+            }
+        }
+        // Two services on one address and port: only their VIPs say which
+        // is meant, so the real address is not captured.
+        for addr in ambiguous {
+            self.by_endpoint.remove(&addr);
+        }
+        if let Some(me) = &self.me {
+            for (ns, name) in &me.services {
+                let Some(svc) = self.services.get(&(ns.clone(), name.clone())) else {
+                    continue;
+                };
+                for p in &svc.ports {
+                    if limits.own_ports.contains(&p.target) {
+                        return Err(format!(
+                            "service {}: target port {} is one of meshd's own ports on this host ({:?}); \
+                             this host cannot serve it",
+                            svc.fqdn(),
+                            p.target,
+                            limits.own_ports
+                        ));
+                    }
+                    let served = self.served.entry(p.target).or_insert(ServedPort {
+                        services: Vec::new(),
+                        mtls: MtlsMode::Permissive,
+                    });
+                    served.services.push((ns.clone(), name.clone()));
+                    if svc.mtls == MtlsMode::Strict {
+                        served.mtls = MtlsMode::Strict;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Which service a connection to `dst` is for, and the service port.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<(Arc<ServiceState>, u16)> {
+        if let Some(svc) = self.by_vip.get(&dst.ip()) {
+            return svc.port(dst.port()).map(|p| (svc.clone(), p.port));
+        }
+        self.by_endpoint.get(&dst).cloned()
+    }
+
+    /// (service, namespace) -> VIPs: the mesh names DNS answers.
+    pub fn dns_names(&self) -> HashMap<(String, String), Vec<IpAddr>> {
+        self.services
+            .iter()
+            .map(|((ns, name), svc)| ((name.clone(), ns.clone()), svc.vips.clone()))
+            .collect()
+    }
+}
+
+fn self_info(s: &SelfConfig, limits: &HostLimits) -> Result<SelfInfo, String> {
+    if !limits.host_id.is_empty() && s.host_id != limits.host_id {
+        return Err(format!(
+            "the config is for host {:?}, but this host is {:?}",
+            s.host_id, limits.host_id
+        ));
+    }
+    let spiffe_id: SpiffeId = s
+        .spiffe_id
+        .parse()
+        .map_err(|e: hostmesh_api::spiffe::SpiffeIdError| format!("self: {e}"))?;
+    let mut services = Vec::new();
+    for svc in &s.services {
+        let (ns, name) = svc
+            .split_once('/')
+            .filter(|(ns, name)| is_dns_label(ns) && is_dns_label(name))
+            .ok_or_else(|| format!("self.services: {svc:?} is not NAMESPACE/NAME"))?;
+        services.push((ns.to_string(), name.to_string()));
+    }
+    let mut vip_ranges = Vec::new();
+    for r in &s.vip_ranges {
+        vip_ranges.push(
+            r.parse::<IpNet>()
+                .map_err(|e| format!("self.vip_ranges: {r:?}: {e}"))?,
+        );
+    }
+    let mut health_checks = Vec::new();
+    for (i, hc) in s.health_checks.iter().enumerate() {
+        let port = port16(hc.port, &format!("self.health_checks[{i}].port"))?;
+        let http_path = match hc.r#type.as_str() {
+            "tcp" => None,
+            "http"
+                if hc.path.starts_with('/')
+                    && hc.path.len() <= 1024
+                    && !hc.path.contains(['\r', '\n', ' ']) =>
+            {
+                Some(hc.path.clone())
+            }
+            "http" => {
+                return Err(format!(
+                    "self.health_checks[{i}].path {:?} is not a request path",
+                    hc.path
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "self.health_checks[{i}].type {other:?} is not tcp or http"
+                ));
+            }
+        };
+        let ms = |v: u64| (v > 0).then(|| std::time::Duration::from_millis(v));
+        health_checks.push(HealthCheck {
+            port,
+            http_path,
+            interval: ms(hc.interval_ms),
+            timeout: ms(hc.timeout_ms),
+        });
+    }
+    Ok(SelfInfo {
+        host_id: s.host_id.clone(),
+        namespace: s.namespace.clone(),
+        group: s.group.clone(),
+        spiffe_id,
+        labels: s.labels.clone(),
+        services,
+        trust_domain: s.trust_domain.clone(),
+        vip_ranges,
+        health_checks,
+    })
+}
+
+fn service_state(s: &ServiceConfig, trust_domain: &str) -> Result<ServiceState, String> {
+    if !is_dns_label(&s.namespace) || !is_dns_label(&s.name) {
+        return Err(format!(
+            "{:?}/{:?} is not a service name",
+            s.namespace, s.name
+        ));
+    }
+    let mut vips = Vec::new();
+    for v in &s.vips {
+        vips.push(
+            v.parse::<IpAddr>()
+                .map_err(|_| format!("VIP {v:?} is not an IP address"))?,
+        );
+    }
+    let mut ports: Vec<PortState> = Vec::new();
+    for (i, p) in s.ports.iter().enumerate() {
+        let port = port16(p.port, &format!("ports[{i}].port"))?;
+        let target = port16(p.target_port, &format!("ports[{i}].targetPort"))?;
+        let protocol = Protocol::parse(&p.protocol)
+            .ok_or_else(|| format!("ports[{i}].protocol {:?} is unknown", p.protocol))?;
+        if ports.iter().any(|q| q.port == port) {
+            return Err(format!("port {port} appears twice"));
+        }
+        ports.push(PortState {
+            name: p.name.clone(),
+            port,
+            target,
+            protocol,
+        });
+    }
+    let mtls = MtlsMode::parse(&s.mtls)
+        .ok_or_else(|| format!("mtls {:?} is not strict or permissive", s.mtls))?;
+    let mut endpoints = Vec::new();
+    for (i, e) in s.endpoints.iter().enumerate() {
+        endpoints.push(Arc::new(
+            endpoint_state(e, trust_domain).map_err(|m| format!("endpoints[{i}]: {m}"))?,
+        ));
+    }
+    Ok(ServiceState {
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        vips,
+        ports,
+        mtls,
+        endpoints,
+    })
+}
+
+fn endpoint_state(e: &EndpointConfig, trust_domain: &str) -> Result<EndpointState, String> {
+    if e.host_id.is_empty() {
+        return Err("no host id".to_string());
+    }
+    let address: IpAddr = e
+        .address
+        .parse()
+        .map_err(|_| format!("address {:?} is not an IP address", e.address))?;
+    let tunnel_port = port16(e.tunnel_port, "tunnel port")?;
+    let identity: SpiffeId = e
+        .spiffe_id
+        .parse()
+        .map_err(|err: hostmesh_api::spiffe::SpiffeIdError| err.to_string())?;
+    if !trust_domain.is_empty() && identity.trust_domain() != trust_domain {
+        return Err(format!(
+            "identity {identity} is outside trust domain {trust_domain}"
+        ));
+    }
+    let mut healthy_ports = Vec::new();
+    for p in &e.healthy_ports {
+        healthy_ports.push(port16(*p, "healthy port")?);
+    }
+    Ok(EndpointState {
+        host_id: e.host_id.clone(),
+        address,
+        tunnel_port,
+        quic: e.quic,
+        identity,
+        labels: e.labels.clone(),
+        healthy_ports,
+    })
+}
+
+/// The state in use, read lock-free on the data path and replaced whole on
+/// each accepted update; `subscribe` tells when.
+pub struct MeshHandle {
+    current: arc_swap::ArcSwap<MeshState>,
+    version: tokio::sync::watch::Sender<u64>,
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+impl Default for MeshHandle {
+    fn default() -> Self {
+        MeshHandle {
+            current: arc_swap::ArcSwap::from_pointee(MeshState::default()),
+            version: tokio::sync::watch::channel(0).0,
+            loaded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl MeshHandle {
+    pub fn load(&self) -> Arc<MeshState> {
+        self.current.load_full()
+    }
+
+    pub fn publish(&self, state: MeshState) {
+        let version = state.version;
+        self.current.store(Arc::new(state));
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.version.send_modify(|v| *v = version);
+    }
+
+    /// Whether any config (from disk or the controller) is in use.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use hostmesh_api::proto::{ConfigEntry, ConfigUpdate, ServicePortConfig};
+    use prost::Message;
+
+    pub(crate) fn entry(name: &str, body: Body) -> ConfigEntry {
+        let mut e = ConfigEntry {
+            name: name.to_string(),
+            hash: String::new(),
+            body: Some(body),
+        };
+        e.hash = snapshot::content_hash(&e.encode_to_vec());
+        e
+    }
+
+    pub(crate) fn web_service(target: u32, mtls: &str) -> ServiceConfig {
+        ServiceConfig {
+            namespace: "shop".into(),
+            name: "web".into(),
+            vips: vec!["240.240.0.10".into()],
+            ports: vec![ServicePortConfig {
+                name: "http".into(),
+                port: 80,
+                target_port: target,
+                protocol: "http".into(),
+            }],
+            mtls: mtls.into(),
+            endpoints: vec![EndpointConfig {
+                host_id: "web-1".into(),
+                address: "10.0.0.2".into(),
+                tunnel_port: 15008,
+                quic: false,
+                spiffe_id: "spiffe://hostmesh.local/ns/shop/sa/web".into(),
+                labels: Default::default(),
+                healthy_ports: vec![target],
+            }],
+        }
+    }
+
+    pub(crate) fn self_entry(host: &str, serves: &[&str]) -> ConfigEntry {
+        entry(
+            "self",
+            Body::SelfConfig(SelfConfig {
+                host_id: host.into(),
+                namespace: "shop".into(),
+                group: "web".into(),
+                spiffe_id: "spiffe://hostmesh.local/ns/shop/sa/web".into(),
+                labels: Default::default(),
+                services: serves.iter().map(|s| s.to_string()).collect(),
+                trust_domain: "hostmesh.local".into(),
+                vip_ranges: vec!["240.240.0.0/16".into()],
+                health_checks: vec![],
+            }),
+        )
+    }
+
+    pub(crate) fn snapshot(entries: Vec<ConfigEntry>) -> Snapshot {
+        Snapshot::default()
+            .apply(&ConfigUpdate {
+                version: 7,
+                full: true,
+                upserts: entries,
+                removals: vec![],
+            })
+            .unwrap()
+    }
+
+    fn limits() -> HostLimits {
+        HostLimits {
+            host_id: "web-1".into(),
+            trust_domain: "hostmesh.local".into(),
+            own_ports: vec![15000, 15001, 15008, 15053],
+        }
+    }
+
+    #[test]
+    fn indexes_vips_endpoints_and_served_ports() {
+        let snap = snapshot(vec![
+            self_entry("web-1", &["shop/web"]),
+            entry(
+                "service/shop/web",
+                Body::Service(web_service(8080, "strict")),
+            ),
+        ]);
+        let st = MeshState::build(&snap, &limits()).unwrap();
+        let (svc, port) = st.lookup("240.240.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!((svc.name.as_str(), port), ("web", 80));
+        assert!(st.lookup("240.240.0.10:81".parse().unwrap()).is_none());
+        let (svc, port) = st.lookup("10.0.0.2:8080".parse().unwrap()).unwrap();
+        assert_eq!((svc.name.as_str(), port), ("web", 80));
+        assert_eq!(st.served.get(&8080).unwrap().mtls, MtlsMode::Strict);
+        let names = st.dns_names();
+        assert_eq!(
+            names
+                .get(&("web".to_string(), "shop".to_string()))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_served_port_that_is_meshds_own_is_rejected() {
+        let snap = snapshot(vec![
+            self_entry("web-1", &["shop/web"]),
+            entry(
+                "service/shop/web",
+                Body::Service(web_service(15008, "strict")),
+            ),
+        ]);
+        let e = MeshState::build(&snap, &limits()).unwrap_err();
+        assert!(
+            e.contains("target port 15008 is one of meshd's own ports"),
+            "{e}"
+        );
+        // A host that only calls the service does not care.
+        let snap = snapshot(vec![
+            self_entry("web-1", &[]),
+            entry(
+                "service/shop/web",
+                Body::Service(web_service(15008, "strict")),
+            ),
+        ]);
+        MeshState::build(&snap, &limits()).unwrap();
+    }
+
+    #[test]
+    fn structural_problems_are_named() {
+        let mut bad = web_service(8080, "strict");
+        bad.endpoints[0].address = "not-an-ip".into();
+        let snap = snapshot(vec![entry("service/shop/web", Body::Service(bad))]);
+        let e = MeshState::build(&snap, &limits()).unwrap_err();
+        assert!(
+            e.contains("service/shop/web: endpoints[0]: address \"not-an-ip\""),
+            "{e}"
+        );
+
+        let mut outside = web_service(8080, "strict");
+        outside.vips = vec!["10.9.9.9".into()];
+        let snap = snapshot(vec![
+            self_entry("web-1", &[]),
+            entry("service/shop/web", Body::Service(outside)),
+        ]);
+        assert!(
+            MeshState::build(&snap, &limits())
+                .unwrap_err()
+                .contains("outside the mesh's VIP ranges")
+        );
+
+        let snap = snapshot(vec![self_entry("other-host", &[])]);
+        assert!(
+            MeshState::build(&snap, &limits())
+                .unwrap_err()
+                .contains("is for host \"other-host\"")
+        );
+
+        let snap = snapshot(vec![entry("route/shop/r", Body::RouteJson("{}".into()))]);
+        assert!(MeshState::build(&snap, &limits()).is_err());
+    }
+}

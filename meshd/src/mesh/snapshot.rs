@@ -1,0 +1,165 @@
+//! The config a host holds: named entries from the controller, with a
+//! version. Applying an increment is a pure function; the result is checked
+//! (see [`super::MeshState::build`]) before it replaces the last good one.
+
+use std::collections::BTreeMap;
+
+use hostmesh_api::proto::{ConfigEntry, ConfigUpdate};
+use prost::Message;
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub version: u64,
+    pub entries: BTreeMap<String, ConfigEntry>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    #[error("update {version}: {message}")]
+    BadUpdate { version: u64, message: String },
+    #[error("stored snapshot: {0}")]
+    Decode(String),
+}
+
+/// Same as the controller's: hex of the first 8 bytes of SHA-256.
+pub fn content_hash(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    hex::encode(&d.as_ref()[..8])
+}
+
+impl Snapshot {
+    /// The snapshot `update` turns this one into. Entries are checked
+    /// against their hashes, so corruption or a controller bug is caught
+    /// before anything is used.
+    pub fn apply(&self, update: &ConfigUpdate) -> Result<Snapshot, SnapshotError> {
+        let bad = |message: String| SnapshotError::BadUpdate {
+            version: update.version,
+            message,
+        };
+        let mut entries = if update.full {
+            BTreeMap::new()
+        } else {
+            self.entries.clone()
+        };
+        for name in &update.removals {
+            if entries.remove(name).is_none() && !update.full {
+                return Err(bad(format!(
+                    "removes {name:?}, which this host does not have"
+                )));
+            }
+        }
+        for e in &update.upserts {
+            if e.name.is_empty() {
+                return Err(bad("an entry has no name".to_string()));
+            }
+            let mut unhashed = e.clone();
+            unhashed.hash.clear();
+            let want = content_hash(&unhashed.encode_to_vec());
+            if want != e.hash {
+                return Err(bad(format!("entry {:?} does not match its hash", e.name)));
+            }
+            if e.body.is_none() {
+                return Err(bad(format!("entry {:?} has no body", e.name)));
+            }
+            entries.insert(e.name.clone(), e.clone());
+        }
+        Ok(Snapshot {
+            version: update.version,
+            entries,
+        })
+    }
+
+    pub fn hashes(&self) -> BTreeMap<String, String> {
+        self.entries
+            .iter()
+            .map(|(n, e)| (n.clone(), e.hash.clone()))
+            .collect()
+    }
+
+    /// Encoded for the state directory: a full update.
+    pub fn encode(&self) -> Vec<u8> {
+        ConfigUpdate {
+            version: self.version,
+            full: true,
+            upserts: self.entries.values().cloned().collect(),
+            removals: Vec::new(),
+        }
+        .encode_to_vec()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        let update =
+            ConfigUpdate::decode(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        Snapshot::default()
+            .apply(&update)
+            .map_err(|e| SnapshotError::Decode(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostmesh_api::proto::TrustBundle;
+    use hostmesh_api::proto::config_entry::Body;
+
+    pub(crate) fn entry(name: &str, roots: &str) -> ConfigEntry {
+        let mut e = ConfigEntry {
+            name: name.to_string(),
+            hash: String::new(),
+            body: Some(Body::Bundle(TrustBundle {
+                trust_domain: "td".into(),
+                roots_pem: roots.into(),
+            })),
+        };
+        e.hash = content_hash(&e.encode_to_vec());
+        e
+    }
+
+    #[test]
+    fn increments_apply_and_round_trip() {
+        let s0 = Snapshot::default();
+        let s1 = s0
+            .apply(&ConfigUpdate {
+                version: 5,
+                full: true,
+                upserts: vec![entry("a", "1"), entry("b", "2")],
+                removals: vec![],
+            })
+            .unwrap();
+        let s2 = s1
+            .apply(&ConfigUpdate {
+                version: 6,
+                full: false,
+                upserts: vec![entry("a", "3")],
+                removals: vec!["b".into()],
+            })
+            .unwrap();
+        assert_eq!(s2.version, 6);
+        assert_eq!(s2.entries.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(Snapshot::decode(&s2.encode()).unwrap(), s2);
+    }
+
+    #[test]
+    fn bad_increments_are_refused() {
+        let mut tampered = entry("a", "1");
+        tampered.hash = "0000".into();
+        let e = Snapshot::default()
+            .apply(&ConfigUpdate {
+                version: 1,
+                full: false,
+                upserts: vec![tampered],
+                removals: vec![],
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("does not match its hash"), "{e}");
+        let e = Snapshot::default()
+            .apply(&ConfigUpdate {
+                version: 2,
+                full: false,
+                upserts: vec![],
+                removals: vec!["x".into()],
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("does not have"), "{e}");
+    }
+}

@@ -1,0 +1,197 @@
+//! Inbound: a CONNECT from another host's meshd, whose identity the
+//! tunnel's TLS has verified. The target port must be one this host serves;
+//! the caller must pass the services' policies ([`super::policy`]); then
+//! meshd connects to the local app (its configured app address, then the
+//! host address) and splices. Refusals are HTTP statuses on the stream:
+//! 404 (not served here), 403 (policy), 503 (the app does not answer).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hostmesh_api::resource::Policy;
+use tokio::net::TcpStream;
+
+use super::policy::{Decision, decide};
+use super::{ConnLabels, DirectionLabels, ProxyMetrics, access_log};
+use crate::drain::Drain;
+use crate::mesh::MeshHandle;
+use crate::tunnel::server::{InboundRequest, status};
+use crate::tunnel::splice::{Counters, splice};
+
+pub struct Inbound {
+    pub mesh: Arc<MeshHandle>,
+    pub metrics: ProxyMetrics,
+    /// Where apps listen, in the order tried.
+    pub app_addresses: Vec<IpAddr>,
+    pub connect_timeout: Duration,
+    pub mark: Option<u32>,
+    pub access_log: bool,
+    pub drain: Drain,
+}
+
+impl Inbound {
+    async fn connect_app(&self, port: u16) -> Result<TcpStream, String> {
+        let mut last = String::from("no app address configured");
+        for ip in &self.app_addresses {
+            let addr = SocketAddr::new(*ip, port);
+            match tokio::time::timeout(
+                self.connect_timeout,
+                hostmesh_api::connect::connect_marked(addr, self.mark),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => {
+                    last = format!(
+                        "{addr}: no answer within {}ms",
+                        self.connect_timeout.as_millis()
+                    )
+                }
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn handle(self: Arc<Self>, req: InboundRequest) {
+        let _guard = self.drain.track();
+        let started = Instant::now();
+        let InboundRequest {
+            peer_identity,
+            peer_addr,
+            authority,
+            service: claimed,
+            recv,
+            mut respond,
+        } = req;
+        let peer = peer_identity.to_string();
+        let log_refusal = |code: &str, svc: &str, detail: &str| {
+            access_log(
+                self.access_log,
+                "inbound",
+                peer_addr,
+                &authority,
+                svc,
+                "",
+                &peer,
+                "",
+                0,
+                0,
+                started.elapsed(),
+                code,
+                Some(detail),
+            );
+        };
+        let Ok(target) = authority.parse::<SocketAddr>() else {
+            let _ = respond.send_response(status(400), true);
+            self.metrics.fail("inbound", "", "bad_target");
+            log_refusal("bad_target", "", "CONNECT target is not ip:port");
+            return;
+        };
+        let state = self.mesh.load();
+        let Some(served) = state.served.get(&target.port()) else {
+            let _ = respond.send_response(status(404), true);
+            self.metrics.fail("inbound", "", "not_served");
+            log_refusal("not_served", &claimed, "no mesh service on this port here");
+            return;
+        };
+        // The first service on this port names the connection; policies of
+        // every service on it apply.
+        let (ns, name) = served.services[0].clone();
+        let svc_name = format!("{name}.{ns}");
+        let service_port = state
+            .services
+            .get(&(ns.clone(), name.clone()))
+            .and_then(|s| s.port_by_target(target.port()))
+            .map(|p| p.port)
+            .unwrap_or(target.port());
+        let policies: Vec<&Policy> = state
+            .policies
+            .iter()
+            .filter(|p| {
+                served
+                    .services
+                    .iter()
+                    .any(|(sns, sname)| p.metadata.namespace == *sns && p.spec.service == *sname)
+            })
+            .map(|p| p.as_ref())
+            .collect();
+        if let Decision::Deny(why) = decide(policies, &peer_identity, service_port) {
+            let _ = respond.send_response(status(403), true);
+            self.metrics.fail("inbound", &svc_name, "denied");
+            tracing::info!(peer = %peer, service = %svc_name, reason = %why, "inbound connection denied");
+            log_refusal("denied", &svc_name, &why);
+            return;
+        }
+        let app = match self.connect_app(target.port()).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = respond.send_response(status(503), true);
+                self.metrics.fail("inbound", &svc_name, "app_connect");
+                log_refusal("app_unavailable", &svc_name, &e);
+                return;
+            }
+        };
+        let send = match respond.send_response(status(200), false) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.fail("inbound", &svc_name, "stream_gone");
+                log_refusal("stream_gone", &svc_name, &e.to_string());
+                return;
+            }
+        };
+        let labels = ConnLabels {
+            direction: "inbound",
+            service: svc_name.clone(),
+            peer: peer.clone(),
+        };
+        self.metrics.opened.get_or_create(&labels).inc();
+        let active = self.metrics.active.get_or_create_owned(&DirectionLabels {
+            direction: "inbound",
+        });
+        active.inc();
+        let counters = Arc::new(Counters::default());
+        let (end, error) = splice(app, send, recv, counters.clone()).await;
+        active.dec();
+        // From the app's side: "sent" is what went back to the caller.
+        let sent = counters.sent.load(Ordering::Relaxed);
+        let received = counters.received.load(Ordering::Relaxed);
+        self.metrics.closed.get_or_create(&labels).inc();
+        self.metrics.bytes_sent.get_or_create(&labels).inc_by(sent);
+        self.metrics
+            .bytes_received
+            .get_or_create(&labels)
+            .inc_by(received);
+        self.metrics
+            .duration
+            .get_or_create(&DirectionLabels {
+                direction: "inbound",
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let me = state
+            .me
+            .as_ref()
+            .map(|m| m.spiffe_id.to_string())
+            .unwrap_or_default();
+        access_log(
+            self.access_log,
+            "inbound",
+            peer_addr,
+            &authority,
+            &svc_name,
+            &target.to_string(),
+            &peer,
+            &me,
+            sent,
+            received,
+            started.elapsed(),
+            end.as_str(),
+            error.as_deref(),
+        );
+    }
+}

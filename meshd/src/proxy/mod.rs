@@ -1,0 +1,162 @@
+//! The proxy: outbound (captured local connections, carried to an endpoint
+//! through a tunnel) and inbound (tunnel streams from other hosts,
+//! authorised and delivered to the local app), with their metrics and
+//! access log.
+
+pub mod inbound;
+pub mod lb;
+pub mod outbound;
+pub mod policy;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: &'static str,
+    pub service: String,
+    /// The other end's SPIFFE ID.
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub direction: &'static str,
+    pub service: String,
+    /// What failed: connect, connect_timeout, handshake, denied, refused,
+    /// no_endpoint, no_service, app_connect, ...
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyMetrics {
+    pub opened: Family<ConnLabels, Counter>,
+    pub closed: Family<ConnLabels, Counter>,
+    pub active: Family<DirectionLabels, Gauge>,
+    pub bytes_sent: Family<ConnLabels, Counter>,
+    pub bytes_received: Family<ConnLabels, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub duration: Family<DirectionLabels, Histogram>,
+    pub handshake_failures: Counter,
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &mut Registry) -> ProxyMetrics {
+        let m = ProxyMetrics {
+            opened: Family::default(),
+            closed: Family::default(),
+            active: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            failures: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+            }),
+            handshake_failures: Counter::default(),
+        };
+        registry.register(
+            "connections_opened",
+            "Proxied connections opened",
+            m.opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Proxied connections closed",
+            m.closed.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Proxied connections open now",
+            m.active.clone(),
+        );
+        registry.register_with_unit(
+            "sent",
+            "Bytes sent towards the peer (outbound: to the server; inbound: to the client)",
+            Unit::Bytes,
+            m.bytes_sent.clone(),
+        );
+        registry.register_with_unit(
+            "received",
+            "Bytes received from the peer",
+            Unit::Bytes,
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "connection_failures",
+            "Connections that could not be proxied, by reason",
+            m.failures.clone(),
+        );
+        registry.register_with_unit(
+            "connection_duration",
+            "How long proxied connections lasted",
+            Unit::Seconds,
+            m.duration.clone(),
+        );
+        registry.register(
+            "tunnel_handshake_failures",
+            "Inbound tunnel TLS handshakes refused (bad or missing client certificate)",
+            m.handshake_failures.clone(),
+        );
+        m
+    }
+
+    pub fn fail(&self, direction: &'static str, service: &str, reason: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                direction,
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// One line per proxied connection, as JSON with the json log format.
+#[allow(clippy::too_many_arguments)]
+pub fn access_log(
+    enabled: bool,
+    direction: &str,
+    src: SocketAddr,
+    dst: &str,
+    service: &str,
+    endpoint: &str,
+    src_identity: &str,
+    dst_identity: &str,
+    sent: u64,
+    received: u64,
+    duration: Duration,
+    result: &str,
+    error: Option<&str>,
+) {
+    if !enabled {
+        return;
+    }
+    tracing::info!(
+        target: "hostmesh::access",
+        direction,
+        src = %src,
+        dst,
+        service,
+        endpoint,
+        src_identity,
+        dst_identity,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = duration.as_millis() as u64,
+        result,
+        error = error.unwrap_or(""),
+        "connection"
+    );
+}

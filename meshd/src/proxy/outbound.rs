@@ -1,0 +1,230 @@
+//! Outbound: connections captured by nftables arrive on 15001; their
+//! original destination (SO_ORIGINAL_DST) names a service VIP and port, or
+//! the real address and port of a mesh endpoint. An endpoint is chosen
+//! ([`super::lb`]) and a tunnel stream opened to its host; if that fails
+//! before any byte moved, up to two other endpoints are tried.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hostmesh_api::spiffe::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::lb::Balancer;
+use super::{ConnLabels, DirectionLabels, ProxyMetrics, access_log};
+use crate::drain::Drain;
+use crate::mesh::MeshHandle;
+use crate::tunnel::hbone::Pool;
+use crate::tunnel::splice::{Counters, splice};
+use crate::tunnel::{PeerKey, TunnelError};
+
+const ATTEMPTS: usize = 3;
+
+pub struct Outbound {
+    pub mesh: Arc<MeshHandle>,
+    pub pool: Arc<Pool>,
+    pub balancer: Arc<Balancer>,
+    pub metrics: ProxyMetrics,
+    pub me: SpiffeId,
+    pub access_log: bool,
+}
+
+/// Where a redirected connection was going.
+pub fn original_dst(socket: &TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(socket);
+    let local = socket.local_addr()?;
+    let addr = if local.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, mut drain: Drain) {
+    loop {
+        let (socket, src) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = drain.signaled() => return,
+        };
+        let guard = drain.track();
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            outbound.handle(socket, src).await;
+            drop(guard);
+        });
+    }
+}
+
+impl Outbound {
+    async fn handle(&self, socket: TcpStream, src: SocketAddr) {
+        let _ = socket.set_nodelay(true);
+        let started = Instant::now();
+        let dst = match original_dst(&socket) {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.fail("outbound", "", "no_original_dst");
+                tracing::warn!(%src, error = %e, "outbound connection without an original destination (not redirected?)");
+                return;
+            }
+        };
+        if Some(dst) == socket.local_addr().ok() {
+            // Someone connected to the listener itself: refusing avoids a loop.
+            self.metrics.fail("outbound", "", "direct_to_listener");
+            return;
+        }
+        let state = self.mesh.load();
+        let Some((service, port)) = state.lookup(dst) else {
+            self.metrics.fail("outbound", "", "no_service");
+            tracing::info!(%src, %dst, "no mesh service at this destination; closing");
+            access_log(
+                self.access_log,
+                "outbound",
+                src,
+                &dst.to_string(),
+                "",
+                "",
+                "",
+                "",
+                0,
+                0,
+                started.elapsed(),
+                "no_service",
+                None,
+            );
+            return;
+        };
+        let svc_name = service.fqdn();
+        let Some(port_state) = service.port(port) else {
+            return;
+        };
+        let target = port_state.target;
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error: Option<TunnelError> = None;
+        let mut opened = None;
+        for _ in 0..ATTEMPTS {
+            let Some((endpoint, stats)) =
+                self.balancer
+                    .pick(&service.endpoints, target, &tried, now_ms(), rand::random)
+            else {
+                break;
+            };
+            tried.push(endpoint.host_id.clone());
+            let outstanding = Balancer::begin(&stats);
+            let key = PeerKey {
+                addr: endpoint.tunnel_addr(),
+                identity: endpoint.identity.clone(),
+            };
+            let authority = SocketAddr::new(endpoint.address, target).to_string();
+            match self
+                .pool
+                .open(&key, &authority, &format!("{svc_name}:{port}"))
+                .await
+            {
+                Ok(stream) => {
+                    self.balancer.record_success(&stats);
+                    opened = Some((stream, endpoint, outstanding));
+                    break;
+                }
+                Err(e) => {
+                    self.metrics.fail("outbound", &svc_name, e.kind());
+                    if e.endpoint_failure() && self.balancer.record_failure(&stats, now_ms()) {
+                        tracing::warn!(endpoint = %endpoint.host_id, service = %svc_name, error = %e, "endpoint ejected");
+                    }
+                    tracing::info!(%src, service = %svc_name, endpoint = %endpoint.host_id, error = %e, "tunnel to endpoint failed");
+                    let retry = e.retryable();
+                    last_error = Some(e);
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((stream, endpoint, _outstanding)) = opened else {
+            let reason = if tried.is_empty() {
+                "no_endpoint"
+            } else {
+                "all_endpoints_failed"
+            };
+            if tried.is_empty() {
+                self.metrics.fail("outbound", &svc_name, "no_endpoint");
+            }
+            let err = last_error.map(|e| e.to_string());
+            access_log(
+                self.access_log,
+                "outbound",
+                src,
+                &dst.to_string(),
+                &svc_name,
+                "",
+                &self.me.to_string(),
+                "",
+                0,
+                0,
+                started.elapsed(),
+                reason,
+                err.as_deref(),
+            );
+            return;
+        };
+        let labels = ConnLabels {
+            direction: "outbound",
+            service: svc_name.clone(),
+            peer: endpoint.identity.to_string(),
+        };
+        self.metrics.opened.get_or_create(&labels).inc();
+        let active = self.metrics.active.get_or_create_owned(&DirectionLabels {
+            direction: "outbound",
+        });
+        active.inc();
+        let counters = Arc::new(Counters::default());
+        let (end, error) = splice(socket, stream.send, stream.recv, counters.clone()).await;
+        active.dec();
+        let sent = counters.sent.load(Ordering::Relaxed);
+        let received = counters.received.load(Ordering::Relaxed);
+        self.metrics.closed.get_or_create(&labels).inc();
+        self.metrics.bytes_sent.get_or_create(&labels).inc_by(sent);
+        self.metrics
+            .bytes_received
+            .get_or_create(&labels)
+            .inc_by(received);
+        self.metrics
+            .duration
+            .get_or_create(&DirectionLabels {
+                direction: "outbound",
+            })
+            .observe(started.elapsed().as_secs_f64());
+        access_log(
+            self.access_log,
+            "outbound",
+            src,
+            &dst.to_string(),
+            &svc_name,
+            &format!("{}:{target}", endpoint.address),
+            &self.me.to_string(),
+            &endpoint.identity.to_string(),
+            sent,
+            received,
+            started.elapsed(),
+            end.as_str(),
+            error.as_deref(),
+        );
+    }
+}

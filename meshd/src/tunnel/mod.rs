@@ -1,0 +1,182 @@
+//! Host-to-host tunnels: mutual TLS 1.3, both ends checking the other's
+//! SPIFFE identity against the trust bundle, carrying one stream per
+//! application connection.
+//!
+//! - [`hbone`]: HTTP/2 CONNECT over TLS on TCP port 15008 (the HBONE shape
+//!   Istio's ambient mode uses): a pool of a few connections per peer
+//!   host, each multiplexing many streams, so an application connection
+//!   costs no TLS handshake.
+//! - [`server`]: accepts tunnels and hands each CONNECT to the inbound
+//!   proxy with the caller's verified identity.
+//! - [`splice`]: moves bytes between a TCP socket and a tunnel stream, with
+//!   half-close.
+//!
+//! The client checks that the peer is exactly the identity the endpoint is
+//! expected to have (a host cannot answer for another group's service); the
+//! server accepts any identity of the trust domain and leaves the decision
+//! to the inbound proxy. Certificates rotate without touching established
+//! tunnels: configs are rebuilt and used by new handshakes.
+
+pub mod hbone;
+pub mod server;
+pub mod splice;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use hostmesh_api::spiffe::SpiffeId;
+use hostmesh_api::tls::{self, Expect, SpiffeClientVerifier, SpiffeServerVerifier};
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::identity::Identity;
+
+/// ALPN of the tunnel: HTTP/2.
+pub const ALPN_HBONE: &[u8] = b"h2";
+
+/// Where a tunnel goes and who must answer there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub addr: SocketAddr,
+    pub identity: SpiffeId,
+}
+
+/// Whose fault a failure was and whether another try may help; becomes a
+/// metric label (pingora's error source and retry flag).
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("connecting to peer {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to peer {addr}: no answer within {ms}ms")]
+    ConnectTimeout { addr: SocketAddr, ms: u128 },
+    #[error("TLS with peer {addr} (expecting {identity}): {detail}")]
+    Handshake {
+        addr: SocketAddr,
+        identity: String,
+        detail: String,
+    },
+    #[error("HTTP/2 with peer {addr}: {detail}")]
+    Protocol { addr: SocketAddr, detail: String },
+    #[error("peer {addr} refused the connection to {authority}: HTTP {status}")]
+    Refused {
+        addr: SocketAddr,
+        authority: String,
+        status: u16,
+    },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+impl TunnelError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TunnelError::Connect { .. } => "connect",
+            TunnelError::ConnectTimeout { .. } => "connect_timeout",
+            TunnelError::Handshake { .. } => "handshake",
+            TunnelError::Protocol { .. } => "protocol",
+            TunnelError::Refused { status, .. } if *status == 403 => "denied",
+            TunnelError::Refused { .. } => "refused",
+            TunnelError::Config(_) => "internal",
+        }
+    }
+
+    /// Another endpoint may succeed where this one failed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            TunnelError::Refused { status, .. } => *status != 403,
+            TunnelError::Config(_) => false,
+            _ => true,
+        }
+    }
+
+    /// The endpoint itself looks broken (for outlier detection): failing
+    /// to connect, handshake or get an answer; not a policy refusal.
+    pub fn endpoint_failure(&self) -> bool {
+        !matches!(
+            self,
+            TunnelError::Refused { status: 403, .. } | TunnelError::Config(_)
+        )
+    }
+}
+
+/// The TLS configs of this host's tunnels, rebuilt when the certificate or
+/// trust bundle changes.
+pub struct TlsConfigs {
+    identity: Arc<Identity>,
+    server: ArcSwap<ServerConfig>,
+    clients: Mutex<(u64, HashMap<SpiffeId, Arc<ClientConfig>>)>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl TlsConfigs {
+    pub fn new(identity: Arc<Identity>) -> Result<Arc<TlsConfigs>, TunnelError> {
+        let server = build_server(&identity)?;
+        let generation = *identity.changes().borrow();
+        Ok(Arc::new(TlsConfigs {
+            identity,
+            server: ArcSwap::from_pointee(server),
+            clients: Mutex::new((generation, HashMap::new())),
+            generation: std::sync::atomic::AtomicU64::new(generation),
+        }))
+    }
+
+    /// Follows certificate and bundle changes until the identity is gone.
+    pub async fn follow(self: Arc<Self>) {
+        let mut changes = self.identity.changes();
+        while changes.changed().await.is_ok() {
+            let generation = *changes.borrow();
+            match build_server(&self.identity) {
+                Ok(cfg) => {
+                    self.server.store(Arc::new(cfg));
+                    self.generation
+                        .store(generation, std::sync::atomic::Ordering::Release);
+                    tracing::info!(generation, "tunnel TLS configs rebuilt");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "rebuilding the tunnel TLS config failed; keeping the old one")
+                }
+            }
+        }
+    }
+
+    pub fn server(&self) -> Arc<ServerConfig> {
+        self.server.load_full()
+    }
+
+    /// The client config that accepts exactly `peer`. Configs are kept per
+    /// identity so TLS session resumption works across connections.
+    pub fn client_for(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, TunnelError> {
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        let mut guard = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.0 != generation {
+            *guard = (generation, HashMap::new());
+        }
+        if let Some(cfg) = guard.1.get(peer) {
+            return Ok(cfg.clone());
+        }
+        let verifier = Arc::new(SpiffeServerVerifier::new(
+            self.identity.bundle(),
+            Expect::Exactly(peer.clone()),
+        ));
+        let cfg = Arc::new(
+            tls::client_config(verifier, Some(self.identity.cert()), &[ALPN_HBONE])
+                .map_err(|e| TunnelError::Config(e.to_string()))?,
+        );
+        guard.1.insert(peer.clone(), cfg.clone());
+        Ok(cfg)
+    }
+}
+
+fn build_server(identity: &Identity) -> Result<ServerConfig, TunnelError> {
+    let verifier = Arc::new(SpiffeClientVerifier::new(
+        identity.bundle(),
+        Expect::TrustDomain,
+        true,
+    ));
+    tls::server_config(identity.cert(), verifier, &[ALPN_HBONE])
+        .map_err(|e| TunnelError::Config(e.to_string()))
+}

@@ -1,0 +1,144 @@
+//! Moving bytes between an application's TCP socket and a tunnel stream,
+//! both directions at once, with half-close: when one side finishes
+//! sending, the other side's write half is closed and the opposite
+//! direction carries on until it finishes too.
+//!
+//! Data read from the socket goes to HTTP/2 as `Bytes` without another
+//! copy, and data from HTTP/2 is written straight to the socket; flow
+//! control windows are released only after the bytes have been written,
+//! so a slow reader slows the sender instead of growing buffers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Reads from the socket at most this much at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Bytes moved so far, readable while the splice runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// From the local socket into the tunnel.
+    pub sent: AtomicU64,
+    /// From the tunnel to the local socket.
+    pub received: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Both directions finished normally.
+    Done,
+    /// The local socket failed.
+    LocalError,
+    /// The tunnel stream failed or was reset.
+    PeerError,
+}
+
+impl SpliceEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpliceEnd::Done => "ok",
+            SpliceEnd::LocalError => "local_error",
+            SpliceEnd::PeerError => "peer_error",
+        }
+    }
+}
+
+enum Side {
+    Local(std::io::Error),
+    Peer(String),
+}
+
+async fn socket_to_h2<R: AsyncRead + Unpin>(
+    mut read: R,
+    tx: &mut h2::SendStream<Bytes>,
+    counters: &Counters,
+) -> Result<(), Side> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buf.capacity() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let n = read.read_buf(&mut buf).await.map_err(Side::Local)?;
+        if n == 0 {
+            return tx
+                .send_data(Bytes::new(), true)
+                .map_err(|e| Side::Peer(e.to_string()));
+        }
+        let mut data = buf.split().freeze();
+        counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+        while !data.is_empty() {
+            tx.reserve_capacity(data.len());
+            while tx.capacity() == 0 {
+                match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(Side::Peer(e.to_string())),
+                    None => return Err(Side::Peer("stream closed".to_string())),
+                }
+            }
+            let n = tx.capacity().min(data.len());
+            tx.send_data(data.split_to(n), false)
+                .map_err(|e| Side::Peer(e.to_string()))?;
+        }
+    }
+}
+
+async fn h2_to_socket<W: AsyncWrite + Unpin>(
+    mut rx: h2::RecvStream,
+    mut write: W,
+    counters: &Counters,
+) -> Result<(), Side> {
+    while let Some(chunk) = rx.data().await {
+        let chunk = chunk.map_err(|e| Side::Peer(e.to_string()))?;
+        let n = chunk.len();
+        write.write_all(&chunk).await.map_err(Side::Local)?;
+        counters.received.fetch_add(n as u64, Ordering::Relaxed);
+        let _ = rx.flow_control().release_capacity(n);
+    }
+    write.shutdown().await.map_err(Side::Local)
+}
+
+/// Splices `socket` with the tunnel stream until both directions end or
+/// one fails (then the other is torn down: the stream is reset, the socket
+/// closed).
+pub async fn splice(
+    socket: tokio::net::TcpStream,
+    mut tx: h2::SendStream<Bytes>,
+    rx: h2::RecvStream,
+    counters: Arc<Counters>,
+) -> (SpliceEnd, Option<String>) {
+    let (read, write) = socket.into_split();
+    let failure: Option<Side> = {
+        let up = socket_to_h2(read, &mut tx, &counters);
+        let down = h2_to_socket(rx, write, &counters);
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
+        let mut failure = None;
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    if let Err(e) = r { failure = Some(e); break; }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    if let Err(e) = r { failure = Some(e); break; }
+                }
+            }
+        }
+        failure
+    };
+    match failure {
+        None => (SpliceEnd::Done, None),
+        Some(side) => {
+            tx.send_reset(h2::Reason::CANCEL);
+            match side {
+                Side::Local(e) => (SpliceEnd::LocalError, Some(e.to_string())),
+                Side::Peer(e) => (SpliceEnd::PeerError, Some(e)),
+            }
+        }
+    }
+}
