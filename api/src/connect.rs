@@ -80,7 +80,9 @@ pub fn channel_with_verifier(
         .map_err(|e| ConnectError::Tls(e.to_string()))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let server_name = tls::server_name_for(controller);
-    let endpoint = Endpoint::from_shared(format!("https://{}", authority(&host, port)))
+    // TLS is done by the connector below; tonic refuses an https:// URI
+    // when its own TLS is not built in, and the scheme is only a header.
+    let endpoint = Endpoint::from_shared(format!("http://{}", authority(&host, port)))
         .map_err(|e| ConnectError::BadUrl {
             url: url.to_string(),
             message: e.to_string(),

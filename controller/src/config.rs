@@ -343,7 +343,7 @@ impl ControllerConfig {
                 format!("{:?} must start with https://", self.advertise_url),
             ));
         }
-        if self.listen == self.metrics_listen {
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
             return Err(invalid("metrics_listen", "must differ from listen"));
         }
         if !matches!(self.log.format.as_str(), "json" | "text") {

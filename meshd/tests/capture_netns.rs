@@ -440,6 +440,30 @@ table inet hostmesh { chain stale_chain { tcp dport 1 drop; }; }
 }
 
 #[tokio::test]
+async fn thousands_of_endpoints_apply_as_one_set() {
+    let ns = Netns::create("many");
+    let endpoints: Vec<SocketAddr> = (0..5000u32)
+        .map(|i| SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 8080)))
+        .chain((1..=500u16).map(|i| SocketAddr::from(([0x2001, 0xdb8, 0, 0, 0, 0, 0, i], 443))))
+        .collect();
+    let started = Instant::now();
+    apply_in(
+        &ns.target(),
+        &CaptureSpec {
+            endpoints,
+            ..spec()
+        },
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    let listing = ns.nft(&["list", "table", "inet", "hostmesh"]);
+    assert_eq!(listing.matches(" . 8080").count(), 5000);
+    assert_eq!(listing.matches(" . 443").count(), 500);
+    assert!(took < Duration::from_secs(10), "applying took {took:?}");
+}
+
+#[tokio::test]
 async fn vip_routes_are_added_where_missing_and_only_ours_are_removed() {
     let ns = Netns::create("routes");
     let target = ns.target();

@@ -262,14 +262,9 @@ impl EtcdStore {
                 ));
             }
         }
-        let client = Client::connect(&urls, Some(options)).await.map_err(|e| {
-            match map_error("connecting", e) {
-                StoreError::Unavailable(msg) => {
-                    StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: {msg}"))
-                }
-                other => StoreError::Other(format!("connecting to etcd at {endpoints}: {other}")),
-            }
-        })?;
+        let client = Client::connect(&urls, Some(options))
+            .await
+            .map_err(|e| connect_error(&endpoints, map_error("connecting", e)))?;
         let store = EtcdStore {
             endpoints: endpoints.clone(),
             kv: client
@@ -293,12 +288,7 @@ impl EtcdStore {
                 }
             })
             .await
-            .map_err(|e| match e {
-                StoreError::Unavailable(msg) => {
-                    StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: {msg}"))
-                }
-                other => other,
-            })?;
+            .map_err(|e| connect_error(&endpoints, e))?;
         tracing::info!(endpoints = %endpoints, "connected to etcd");
         Ok(store)
     }
@@ -334,6 +324,22 @@ impl EtcdStore {
 
     fn what(&self, action: impl fmt::Display) -> String {
         format!("{action} on etcd at {}", self.endpoints)
+    }
+}
+
+/// Says which cluster could not be connected to.
+fn connect_error(endpoints: &str, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(msg) => {
+            StoreError::Unavailable(format!("cannot reach etcd at {endpoints}: {msg}"))
+        }
+        StoreError::Invalid(msg) => {
+            StoreError::Invalid(format!("connecting to etcd at {endpoints}: {msg}"))
+        }
+        StoreError::Other(msg) => {
+            StoreError::Other(format!("connecting to etcd at {endpoints}: {msg}"))
+        }
+        other => other,
     }
 }
 
@@ -1204,6 +1210,26 @@ mod tests {
         assert_eq!(lease_secs(Duration::from_millis(2500)).unwrap(), 3);
         assert_eq!(lease_secs(Duration::from_secs(10)).unwrap(), 10);
         assert!(lease_secs(Duration::ZERO).is_err());
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_names_the_endpoints() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let endpoint = format!("127.0.0.1:{port}");
+        let mut config = EtcdConfig::new([endpoint.clone()]);
+        config.connect_timeout = Duration::from_millis(300);
+        let err = EtcdStore::connect(config).await.unwrap_err();
+        match err {
+            StoreError::Unavailable(msg) => assert!(
+                msg.starts_with(&format!("cannot reach etcd at {endpoint}: ")),
+                "{msg}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -88,11 +88,15 @@ impl Tool {
 }
 
 /// Program and arguments to run `tool args` in `ns` (pure).
-pub(crate) fn argv(ns: &NetNs, tool: Tool, args: &[&str]) -> (&'static str, Vec<String>) {
+pub(crate) fn argv<S: AsRef<str>>(
+    ns: &NetNs,
+    tool: Tool,
+    args: &[S],
+) -> (&'static str, Vec<String>) {
     match ns {
         NetNs::Current => (
             tool.program(),
-            args.iter().map(|a| (*a).to_string()).collect(),
+            args.iter().map(|a| a.as_ref().to_string()).collect(),
         ),
         NetNs::Named(name) => {
             let mut full = vec![
@@ -101,7 +105,7 @@ pub(crate) fn argv(ns: &NetNs, tool: Tool, args: &[&str]) -> (&'static str, Vec<
                 name.clone(),
                 tool.program().to_string(),
             ];
-            full.extend(args.iter().map(|a| (*a).to_string()));
+            full.extend(args.iter().map(|a| a.as_ref().to_string()));
             ("ip", full)
         }
     }
@@ -156,10 +160,10 @@ fn netns_exec_missing(tool: Tool, stderr: &str) -> bool {
 /// Runs `tool args` in `ns`, feeding `stdin` if given, within
 /// [`COMMAND_TIMEOUT`]. A non-zero exit is returned as a [`Finished`], not
 /// an error: callers decide what a failure means.
-pub(crate) async fn run(
+pub(crate) async fn run<S: AsRef<str>>(
     ns: &NetNs,
     tool: Tool,
-    args: &[&str],
+    args: &[S],
     stdin: Option<&str>,
 ) -> Result<Finished, CaptureError> {
     ns.validate()?;

@@ -48,7 +48,9 @@
 //!
 //! Everything taken from the spec is validated before it reaches the script
 //! (ports non-zero, the mark non-zero, the table name a plain identifier,
-//! addresses parsed): no text is interpolated unchecked. Commands run
+//! addresses parsed): no text is interpolated unchecked. That matters on
+//! the command line too: nft joins its arguments into one command string,
+//! so a table name with a `;` would be a second command. Commands run
 //! without a shell, under `LC_ALL=C`, with a deadline. The `*_in` variants
 //! run them inside a named network namespace (`ip netns exec`); tests use
 //! only those, so they never touch the machine's own rules.
@@ -81,6 +83,13 @@
 //! * VIP routes are added only where `ip route get` finds no route at all;
 //!   with a default route, VIP traffic that escapes capture follows it (240/4
 //!   is reserved and dropped by routers).
+//! * On a host with IPv6 disabled, adding a route for an IPv6 VIP range
+//!   fails (with `ip`'s error); leave IPv6 ranges out of the spec there.
+//! * The ruleset is nft script text fed to the `nft` binary, not the JSON
+//!   API of the `nftables` crate: the text is what operators read in `nft
+//!   list ruleset`, and the golden files compare it directly.
+//! * A table name that is an nft keyword (`table`, `filter`…) passes the
+//!   name check and is then refused by nft with a syntax error.
 
 mod exec;
 mod nft;

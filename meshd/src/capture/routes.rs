@@ -66,16 +66,7 @@ pub async fn ensure_vip_routes_in(
 
     let mut added = Vec::new();
     for range in ranges {
-        let lookup = run(
-            ns,
-            Tool::Ip,
-            &route_get_args(range)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            None,
-        )
-        .await?;
+        let lookup = run(ns, Tool::Ip, &route_get_args(range), None).await?;
         match classify_lookup(lookup.success, &lookup.stderr) {
             Lookup::Routed => {
                 tracing::debug!(%range, netns = ?ns, "VIP range already routed");
@@ -87,15 +78,7 @@ pub async fn ensure_vip_routes_in(
                 );
             }
             Lookup::NoRoute => {
-                let args = add_args(range);
-                run(
-                    ns,
-                    Tool::Ip,
-                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
-                    None,
-                )
-                .await?
-                .check()?;
+                run(ns, Tool::Ip, &add_args(range), None).await?.check()?;
                 tracing::info!(%range, netns = ?ns, proto = VIP_ROUTE_PROTO, "added route for VIP range");
                 added.push(range);
             }
@@ -317,14 +300,7 @@ async fn list_ours(ns: &NetNs) -> Result<Vec<(Family, ShownRoute)>, CaptureError
 
 /// Deletes one of meshd's routes; `Ok(false)` if it was already gone.
 async fn delete(ns: &NetNs, family: Family, route: &ShownRoute) -> Result<bool, CaptureError> {
-    let args = del_args(family, route);
-    let finished = run(
-        ns,
-        Tool::Ip,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        None,
-    )
-    .await?;
+    let finished = run(ns, Tool::Ip, &del_args(family, route), None).await?;
     if !finished.success {
         // ESRCH: removed by someone else in the meantime.
         if finished.stderr.contains("No such process") {

@@ -290,7 +290,11 @@ pub(crate) fn encode(
     match encoded {
         Ok(bytes) => bytes,
         Err(error) => {
-            tracing::warn!(%error, id = response.metadata.id, "encoding a DNS response failed; sending SERVFAIL");
+            tracing::warn!(
+                %error,
+                id = response.metadata.id,
+                "encoding a DNS response failed; sending SERVFAIL"
+            );
             let mut failure = Message::error_msg(
                 response.metadata.id,
                 response.metadata.op_code,
@@ -308,8 +312,11 @@ pub(crate) fn encode(
 /// FORMERR for a query we could not decode: its ID, opcode and RD echoed,
 /// no sections (RFC 1035 §4.1.1).
 fn raw_formerr(packet: &[u8]) -> Vec<u8> {
-    let id = u16::from_be_bytes([packet[0], packet[1]]);
-    raw_header(id, packet[2] & 0x79, ResponseCode::FormErr)
+    let (id, flags) = match packet {
+        [high, low, flags, ..] => (u16::from_be_bytes([*high, *low]), *flags),
+        _ => (0, 0),
+    };
+    raw_header(id, flags, ResponseCode::FormErr)
 }
 
 /// A bare 12-byte response header; `flags` are opcode and RD bits of byte 2.
@@ -524,6 +531,57 @@ mod tests {
         let fits = Message::from_vec(&encode(&resp, Some(&big), Transport::Udp)).unwrap();
         assert!(!fits.metadata.truncation);
         assert_eq!(fits.answers.len(), 40);
+    }
+
+    /// A cheap stand-in for a fuzz target: random packets and bit-flipped
+    /// real queries must each get a well-formed reply or none, never a panic.
+    #[tokio::test]
+    async fn random_and_mutated_packets_never_panic() {
+        let (r, _tx, _) = responder(table());
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut edns = Edns::new();
+        edns.set_max_payload(4096).set_dnssec_ok(true);
+        let mut with_edns = query("web.shop.mesh.", RecordType::AAAA);
+        with_edns.set_edns(edns);
+        let seeds = [
+            query("web.shop.mesh.", RecordType::A).to_vec().unwrap(),
+            query("nope.mesh.", RecordType::ANY).to_vec().unwrap(),
+            with_edns.to_vec().unwrap(),
+        ];
+        for round in 0..6000 {
+            let mut packet = if round % 3 == 0 {
+                let len = (next() % 300) as usize;
+                (0..len).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                seeds[round % seeds.len()].clone()
+            };
+            for _ in 0..=(next() % 4) {
+                if !packet.is_empty() {
+                    let at = (next() as usize) % packet.len();
+                    packet[at] ^= 1 << (next() % 8);
+                }
+            }
+            if next() % 5 == 0 {
+                let cut = (next() as usize) % (packet.len() + 1);
+                packet.truncate(cut);
+            }
+            for transport in [Transport::Udp, Transport::Tcp] {
+                if let Some(reply) = r.respond(&packet, transport).await {
+                    assert!(reply.len() >= 12);
+                    assert_eq!(reply[..2], packet[..2], "reply carries the query's ID");
+                    assert!(reply[2] & 0x80 != 0, "reply is a response");
+                    if transport == Transport::Udp {
+                        assert!(reply.len() <= 4096);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@
 mod cache;
 mod handler;
 mod metrics;
-pub(crate) mod names;
+mod names;
 mod resolv;
 mod server;
 mod upstream;

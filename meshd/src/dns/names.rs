@@ -68,7 +68,10 @@ impl MeshIndex {
     pub(crate) fn new(table: &NameTable) -> MeshIndex {
         let parsed = parse_domain(&table.domain);
         if parsed.is_none() && !table.domain.is_empty() {
-            tracing::warn!(domain = %table.domain, "mesh domain is not a valid DNS name; using {DEFAULT_DOMAIN:?}");
+            tracing::warn!(
+                domain = %table.domain,
+                "mesh domain is not a valid DNS name; using {DEFAULT_DOMAIN:?}"
+            );
         }
         let (domain_labels, domain_name) = parsed
             .or_else(|| parse_domain(DEFAULT_DOMAIN))

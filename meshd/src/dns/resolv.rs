@@ -65,7 +65,8 @@ pub(crate) fn parse_resolv_conf(
                 tracing::warn!(
                     line = number + 1,
                     %server,
-                    "resolv.conf: more than {MAX_NAMESERVERS} nameservers, ignored as the C library does"
+                    "resolv.conf: more than {MAX_NAMESERVERS} nameservers; \
+                     ignored, as the C library does"
                 );
             }
             Some(server) => servers.push(server),

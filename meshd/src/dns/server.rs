@@ -120,7 +120,12 @@ impl DnsServer {
                 Err(BindFailure { transport, source })
                     if addr.is_ipv6() && ipv6_unavailable(&source) =>
                 {
-                    tracing::warn!(%addr, transport, error = %source, "IPv6 is not available; not serving DNS there");
+                    tracing::warn!(
+                        %addr,
+                        transport,
+                        error = %source,
+                        "IPv6 is not available; not serving DNS there"
+                    );
                 }
                 Err(BindFailure { transport, source }) => {
                     return Err(DnsError::Bind {

@@ -215,7 +215,8 @@ fn mesh_table() -> NameTable {
 
 fn tuning() -> Tuning {
     Tuning {
-        upstream_timeout: Duration::from_millis(300),
+        // Long enough for a loaded CI machine, short enough for the timeout tests.
+        upstream_timeout: Duration::from_secs(1),
         drain: Duration::from_millis(200),
         ..Tuning::default()
     }

@@ -231,7 +231,7 @@ impl Upstreams {
                 Ok(response) if is_response_to(&response, query) => return Ok(response),
                 // A stray or forged datagram: keep waiting for the real one.
                 Ok(_) => {
-                    tracing::debug!(%server, "ignoring a UDP response that does not match the query")
+                    tracing::debug!(%server, "ignoring a UDP response not matching the query")
                 }
                 Err(error) => {
                     tracing::debug!(%server, %error, "ignoring an undecodable UDP response")

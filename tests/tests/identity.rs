@@ -1,0 +1,667 @@
+//! Host identity end to end, with real TLS handshakes: join with tokens,
+//! the CA pin, renewal, revocation and CA rotation. The controller runs
+//! in-process (ports 0, an injected clock where time matters); meshd's own
+//! join and renewal code is used as the host side.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use hostmesh_api::clock::{ManualClock, SharedClock};
+use hostmesh_api::pki::{self, CertInfo};
+use hostmesh_api::proto::identity_client::IdentityClient;
+use hostmesh_api::proto::operator_client::OperatorClient;
+use hostmesh_api::proto::{self, JoinRequest, PrepareJoinRequest};
+use hostmesh_api::spiffe::SpiffeId;
+use hostmesh_api::tls::TrustBundle;
+use hostmesh_controller::app::Controller;
+use hostmesh_controller::config::ControllerConfig;
+use hostmesh_meshd::identity::Identity;
+use hostmesh_meshd::identity::join::{JoinArgs, JoinError, JoinOutcome, join};
+use hostmesh_meshd::identity::store::{Owner, StateDir};
+use tonic::transport::Channel;
+
+const GROUPS: &str = "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 8080}]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: web, namespace: shop}\nspec: {services: [web]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: db, namespace: shop}\nspec: {identity: database}\n";
+
+struct Mesh {
+    ctl: Controller,
+    admin: OperatorClient<Channel>,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+async fn mesh_with(clock: SharedClock, tweak: impl FnOnce(&mut ControllerConfig)) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ControllerConfig {
+        store: format!("embedded:{}", dir.path().join("state.redb").display()),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("ctl"),
+        ..ControllerConfig::default()
+    };
+    tweak(&mut config);
+    let ctl = Controller::start(config, clock).await.unwrap();
+    ctl.wait_ready().await;
+    let (channel, url) =
+        hostmesh_controller::cli::client::admin_channel(&dir.path().join("ctl/admin.conf"), None)
+            .unwrap();
+    let mut admin = OperatorClient::new(channel);
+    let docs = hostmesh_api::document::parse_documents(GROUPS).unwrap();
+    admin
+        .apply(proto::ApplyRequest {
+            resources: docs
+                .iter()
+                .map(|d| proto::Resource {
+                    json: d.to_json(),
+                    ..Default::default()
+                })
+                .collect(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    Mesh {
+        ctl,
+        admin,
+        url,
+        dir,
+    }
+}
+
+async fn mesh() -> Mesh {
+    mesh_with(hostmesh_api::clock::system(), |_| {}).await
+}
+
+async fn token(m: &mut Mesh, group: &str, uses: u32, ttl_s: u64) -> proto::CreateTokenResponse {
+    m.admin
+        .create_token(proto::CreateTokenRequest {
+            group: group.into(),
+            ttl_seconds: ttl_s,
+            uses,
+            description: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn args(m: &Mesh, token: &str, pin: &str, state: &Path) -> JoinArgs {
+    JoinArgs {
+        controller: m.url.clone(),
+        token: token.to_string(),
+        ca_pin: pin.to_string(),
+        force: false,
+        hostname: "host-under-test".into(),
+        state: StateDir::new(state, None),
+    }
+}
+
+async fn joins_metric(m: &Mesh, result: &str) -> u64 {
+    let addr = m.ctl.metrics_addr.to_string();
+    let (_, body) =
+        tokio::task::spawn_blocking(move || hostmesh_tests::http_get(&addr, "/metrics").unwrap())
+            .await
+            .unwrap();
+    body.lines()
+        .find(|l| {
+            l.starts_with("hostmesh_controller_joins_total{")
+                && l.contains(&format!("result=\"{result}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn unauthenticated(e: &JoinError) -> bool {
+    e.to_string().contains("join token is not valid")
+}
+
+#[tokio::test]
+async fn a_host_joins_and_its_certificate_is_accepted_as_its_identity() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let state = m.dir.path().join("host");
+    let outcome = join(args(&m, &t.token, &t.ca_hash, &state), 0)
+        .await
+        .unwrap();
+    let JoinOutcome::Joined(host) = outcome else {
+        panic!("not joined")
+    };
+    assert_eq!(host.spiffe_id, "spiffe://hostmesh.local/ns/shop/sa/web");
+    assert!(host.host_id.starts_with("web-"), "{}", host.host_id);
+
+    // The key never left: the certificate is for the key on disk.
+    let key_pem = std::fs::read_to_string(state.join("key.pem")).unwrap();
+    let chain = pki::certs_from_pem(
+        &std::fs::read_to_string(state.join("cert.pem")).unwrap(),
+        "cert",
+    )
+    .unwrap();
+    let info = CertInfo::parse(&chain[0]).unwrap();
+    use rcgen::PublicKeyData;
+    assert_eq!(
+        info.spki_pin,
+        pki::sha256_pin(
+            &rcgen::KeyPair::from_pem(&key_pem)
+                .unwrap()
+                .subject_public_key_info()
+        )
+    );
+    assert_eq!(info.common_name.as_deref(), Some(host.host_id.as_str()));
+    assert_eq!(
+        info.not_after_unix - info.not_before_unix,
+        24 * 3600 + 300,
+        "24h (+5m backdate)"
+    );
+
+    // The controller created the Workload.
+    let wl = m
+        .admin
+        .get(proto::GetRequest {
+            kind: "workload".into(),
+            namespace: "shop".into(),
+            name: host.host_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(wl.json.contains("\"group\":\"web\""), "{}", wl.json);
+
+    // An mTLS call with the issued certificate, accepted as that identity:
+    // a renewal answers with a certificate for the same host and identity.
+    let identity = Identity::load(
+        StateDir::new(&state, None),
+        hostmesh_api::clock::system(),
+        None,
+        None,
+    )
+    .unwrap();
+    identity
+        .renew(identity.controller_channel().unwrap())
+        .await
+        .unwrap();
+    let renewed = identity.cert_info();
+    assert_eq!(renewed.spiffe_id, info.spiffe_id);
+    assert_eq!(renewed.common_name, info.common_name);
+    assert_ne!(renewed.serial_hex, info.serial_hex);
+
+    // Joining again changes nothing without --force.
+    let again = join(args(&m, &t.token, &t.ca_hash, &state), 0)
+        .await
+        .unwrap();
+    assert!(matches!(again, JoinOutcome::AlreadyJoined(_)));
+}
+
+#[tokio::test]
+async fn key_file_mode_and_owner() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let state = m.dir.path().join("host");
+    // "nobody" exists on every Debian machine; meshd join chowns to the
+    // user meshd runs as.
+    let nobody = hostmesh_meshd::identity::store::lookup_user("nobody").expect("user nobody");
+    let mut a = args(&m, &t.token, &t.ca_hash, &state);
+    a.state = StateDir::new(
+        &state,
+        Some(Owner {
+            uid: nobody.uid,
+            gid: nobody.gid,
+        }),
+    );
+    join(a, 0).await.unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let key = std::fs::metadata(state.join("key.pem")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    assert_eq!((key.uid(), key.gid()), (nobody.uid, nobody.gid));
+    let dir = std::fs::metadata(&state).unwrap();
+    assert_eq!(dir.permissions().mode() & 0o777, 0o700);
+    assert_eq!(dir.uid(), nobody.uid);
+}
+
+#[tokio::test]
+async fn expired_used_up_and_revoked_tokens_are_refused_alike() {
+    let clock = ManualClock::new(SystemTime::now());
+    let mut m = mesh_with(clock.clone(), |_| {}).await;
+    let expiring = token(&mut m, "shop/web", 5, 60).await;
+    let once = token(&mut m, "shop/web", 1, 3600).await;
+    let revoked = token(&mut m, "shop/web", 5, 3600).await;
+    m.admin
+        .revoke_token(proto::RevokeTokenRequest {
+            id: revoked.info.clone().unwrap().id,
+        })
+        .await
+        .unwrap();
+
+    join(
+        args(&m, &once.token, &once.ca_hash, &m.dir.path().join("h1")),
+        0,
+    )
+    .await
+    .unwrap();
+    let used_up = join(
+        args(&m, &once.token, &once.ca_hash, &m.dir.path().join("h2")),
+        0,
+    )
+    .await
+    .unwrap_err();
+    let rev = join(
+        args(
+            &m,
+            &revoked.token,
+            &revoked.ca_hash,
+            &m.dir.path().join("h3"),
+        ),
+        0,
+    )
+    .await
+    .unwrap_err();
+    clock.advance(Duration::from_secs(120));
+    let expired = join(
+        args(
+            &m,
+            &expiring.token,
+            &expiring.ca_hash,
+            &m.dir.path().join("h4"),
+        ),
+        0,
+    )
+    .await
+    .unwrap_err();
+    let unknown_secret = format!("{}{}", &once.token[..once.token.len() - 4], "0000");
+    let wrong = join(
+        args(&m, &unknown_secret, &once.ca_hash, &m.dir.path().join("h5")),
+        0,
+    )
+    .await
+    .unwrap_err();
+    // The same words every time: nothing tells which check failed.
+    for e in [&used_up, &rev, &expired, &wrong] {
+        assert!(unauthenticated(e), "{e}");
+        assert_eq!(e.to_string(), used_up.to_string());
+    }
+    assert!(
+        !m.dir.path().join("h2/key.pem").exists(),
+        "a refused join stores nothing"
+    );
+    let list = m
+        .admin
+        .list_tokens(proto::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let left: Vec<u32> = list.tokens.iter().map(|t| t.uses_left).collect();
+    assert!(left.contains(&0), "the one-use token is used up: {left:?}");
+    assert!(list.tokens.iter().any(|t| t.revoked));
+}
+
+#[tokio::test]
+async fn two_hosts_racing_for_the_last_use_one_wins() {
+    let mut m = mesh().await;
+    for round in 0..5 {
+        let t = token(&mut m, "shop/web", 1, 3600).await;
+        let a = join(
+            args(
+                &m,
+                &t.token,
+                &t.ca_hash,
+                &m.dir.path().join(format!("r{round}a")),
+            ),
+            0,
+        );
+        let b = join(
+            args(
+                &m,
+                &t.token,
+                &t.ca_hash,
+                &m.dir.path().join(format!("r{round}b")),
+            ),
+            0,
+        );
+        let (ra, rb) = tokio::join!(a, b);
+        let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|x| **x).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
+        let loser = match (ra, rb) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+            _ => unreachable!("exactly one won"),
+        };
+        assert!(unauthenticated(&loser), "{loser}");
+    }
+    let workloads = m
+        .admin
+        .list(proto::ListRequest {
+            kind: "workloads".into(),
+            namespace: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(workloads.items.len(), 5);
+}
+
+#[tokio::test]
+async fn a_wrong_ca_hash_stops_before_the_token_is_sent() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let refused_before = joins_metric(&m, "refused").await;
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let e = join(args(&m, &t.token, &wrong, &m.dir.path().join("h")), 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, JoinError::PinMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("refusing to send the token"), "{e}");
+    // The controller never saw the token: no refusal counted, and the
+    // one-use token still works.
+    assert_eq!(joins_metric(&m, "refused").await, refused_before);
+    assert_eq!(joins_metric(&m, "ok").await, 0);
+    join(args(&m, &t.token, &t.ca_hash, &m.dir.path().join("h")), 0)
+        .await
+        .unwrap();
+}
+
+/// The identity RPCs with a channel that trusts the pinned CA, as meshd
+/// join builds it.
+async fn identity_client(m: &Mesh) -> IdentityClient<Channel> {
+    let cred = hostmesh_controller::admin_conf::AdminCredential::load(
+        &m.dir.path().join("ctl/admin.conf"),
+    )
+    .unwrap();
+    let bundle = TrustBundle::from_pem(&cred.trust_domain, &cred.ca_bundle, "bundle").unwrap();
+    IdentityClient::new(hostmesh_api::connect::channel(&m.url, bundle, None, None).unwrap())
+}
+
+#[tokio::test]
+async fn a_csr_for_another_groups_identity_is_refused() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let mut client = identity_client(&m).await;
+    let prepared = client
+        .prepare_join(PrepareJoinRequest {
+            token: t.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prepared.spiffe_id, "spiffe://hostmesh.local/ns/shop/sa/web");
+    let key = pki::generate_key().unwrap();
+    let other: SpiffeId = "spiffe://hostmesh.local/ns/shop/sa/database"
+        .parse()
+        .unwrap();
+    let csr = pki::build_csr(&key, &other, "evil").unwrap();
+    let e = client
+        .join(JoinRequest {
+            token: t.token.clone(),
+            csr_pem: csr,
+            hostname: "evil".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("asks for identity spiffe://hostmesh.local/ns/shop/sa/database"),
+        "{}",
+        e.message()
+    );
+    // The token was not spent on the refused request.
+    join(args(&m, &t.token, &t.ca_hash, &m.dir.path().join("h")), 0)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn brute_forcing_tokens_is_rate_limited() {
+    let mut m = mesh_with(hostmesh_api::clock::system(), |c| c.join.max_failures = 3).await;
+    let good = token(&mut m, "shop/web", 1, 3600).await;
+    let mut client = identity_client(&m).await;
+    for i in 0..3 {
+        let guess = format!("hm1.{:012x}.{}", i, "0".repeat(64));
+        let e = client
+            .prepare_join(PrepareJoinRequest { token: guess })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+    // Past the limit even a good token is refused from this address.
+    let e = client
+        .prepare_join(PrepareJoinRequest {
+            token: good.token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("too many failed join attempts from 127.0.0.1"),
+        "{}",
+        e.message()
+    );
+    assert!(joins_metric(&m, "rate_limited").await >= 1);
+}
+
+#[tokio::test]
+async fn renewal_happens_at_half_life_by_the_injected_clock() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let state = m.dir.path().join("host");
+    join(args(&m, &t.token, &t.ca_hash, &state), 0)
+        .await
+        .unwrap();
+    let host_clock = ManualClock::new(SystemTime::now());
+    let identity =
+        Identity::load(StateDir::new(&state, None), host_clock.clone(), None, None).unwrap();
+    let first = identity.cert_info();
+    let due = identity.renewal_at();
+    let lifetime = first.not_after_unix - first.not_before_unix;
+    assert!(
+        due >= first.not_before_unix + lifetime / 2
+            && due <= first.not_before_unix + lifetime * 6 / 10
+    );
+
+    // Just before: nothing happens.
+    host_clock.set(hostmesh_api::clock::from_unix_seconds(due - 1));
+    assert!(
+        !identity
+            .renew_if_due(identity.controller_channel().unwrap())
+            .await
+            .unwrap()
+    );
+    assert_eq!(identity.cert_info().serial_hex, first.serial_hex);
+    // At the time: a new certificate, for a new key, in use and on disk.
+    host_clock.set(hostmesh_api::clock::from_unix_seconds(due));
+    assert!(
+        identity
+            .renew_if_due(identity.controller_channel().unwrap())
+            .await
+            .unwrap()
+    );
+    let second = identity.cert_info();
+    assert_ne!(second.serial_hex, first.serial_hex);
+    assert_ne!(second.spki_pin, first.spki_pin, "a fresh key each renewal");
+    let on_disk = pki::certs_from_pem(
+        &std::fs::read_to_string(state.join("cert.pem")).unwrap(),
+        "c",
+    )
+    .unwrap();
+    assert_eq!(
+        CertInfo::parse(&on_disk[0]).unwrap().serial_hex,
+        second.serial_hex
+    );
+    let next = identity.renewal_at();
+    let life = second.not_after_unix - second.not_before_unix;
+    assert!(
+        next >= second.not_before_unix + life / 2 && next <= second.not_before_unix + life * 6 / 10,
+        "the next renewal is scheduled from the new certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_workload_cannot_renew_or_stream() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let state = m.dir.path().join("host");
+    let JoinOutcome::Joined(host) = join(args(&m, &t.token, &t.ca_hash, &state), 0)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    m.admin
+        .delete(proto::DeleteRequest {
+            kind: "workload".into(),
+            namespace: "shop".into(),
+            name: host.host_id.clone(),
+        })
+        .await
+        .unwrap();
+    let identity = Identity::load(
+        StateDir::new(&state, None),
+        hostmesh_api::clock::system(),
+        None,
+        None,
+    )
+    .unwrap();
+    let e = identity
+        .renew(identity.controller_channel().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("has been removed from the mesh"),
+        "{e}"
+    );
+    // The config stream is refused too.
+    let mut hosts =
+        hostmesh_api::proto::hosts_client::HostsClient::new(identity.controller_channel().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    let e = hosts.session(tokio_stream_of(rx)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}
+
+fn tokio_stream_of(
+    rx: tokio::sync::mpsc::Receiver<proto::HostMessage>,
+) -> impl futures::Stream<Item = proto::HostMessage> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
+#[tokio::test]
+async fn ca_rotation_keeps_both_roots_during_the_overlap_and_drops_the_old_after() {
+    let clock = ManualClock::new(SystemTime::now());
+    let mut m = mesh_with(clock.clone(), |_| {}).await;
+    let t = token(&mut m, "shop/web", 2, 3600).await;
+    let old_host = m.dir.path().join("old");
+    join(args(&m, &t.token, &t.ca_hash, &old_host), 0)
+        .await
+        .unwrap();
+    let old_id = Identity::load(
+        StateDir::new(&old_host, None),
+        hostmesh_api::clock::system(),
+        None,
+        None,
+    )
+    .unwrap();
+    let old_issuer = old_id.cert_info().issuer;
+
+    // 1. Add a root: trusted, not issuing.
+    let added = m
+        .admin
+        .ca_add_root(proto::CaAddRootRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let roots = m
+        .admin
+        .ca_list(proto::CaListRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .roots;
+    assert_eq!(roots.len(), 2);
+    // Hosts learn the new bundle before it issues (meshd gets it on its
+    // config stream; here the host fetches it over its trusted channel).
+    let bundle_pem = identity_client(&m)
+        .await
+        .get_trust_bundle(proto::TrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .roots_pem;
+    assert!(
+        old_id.set_bundle(&bundle_pem).unwrap(),
+        "the bundle changed"
+    );
+    // 2. Activate it: new certificates come from it; the old host still
+    //    works with its old certificate (both roots trusted).
+    m.admin
+        .ca_activate(proto::CaActivateRequest {
+            id: added.id.clone(),
+        })
+        .await
+        .unwrap();
+    hostmesh_tests::eventually_async(
+        "the controller to serve from the new root",
+        Duration::from_secs(10),
+        || {
+            let old_id = &old_id;
+            let old_issuer = old_issuer.clone();
+            async move {
+                // The old host renews with its old certificate; what it gets is
+                // issued by the new root.
+                old_id
+                    .renew(old_id.controller_channel().map_err(|e| e.to_string())?)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let now = old_id.cert_info().issuer;
+                if now == old_issuer {
+                    Err("still the old issuer".into())
+                } else {
+                    Ok(())
+                }
+            }
+        },
+    )
+    .await;
+    let old_root = roots.iter().find(|r| r.id != added.id).unwrap().id.clone();
+    // A second host joins under the new root with a pin for it.
+    let new_host = m.dir.path().join("new");
+    let fresh = token(&mut m, "shop/web", 1, 3600).await;
+    assert_eq!(
+        fresh.ca_hash, added.spki_sha256,
+        "tokens pin the active root"
+    );
+    join(args(&m, &fresh.token, &fresh.ca_hash, &new_host), 0)
+        .await
+        .unwrap();
+
+    // 3. Removing the old root is refused while its certificates may live.
+    let e = m
+        .admin
+        .ca_remove_root(proto::CaRemoveRootRequest {
+            id: old_root.clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("stay valid until"), "{}", e.message());
+    // After the last of them has expired it goes.
+    clock.advance(Duration::from_secs(24 * 3600 + 600));
+    let after = m
+        .admin
+        .ca_remove_root(proto::CaRemoveRootRequest {
+            id: old_root.clone(),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.roots.len(), 1);
+    assert_eq!(after.roots[0].id, added.id);
+    // (Checked in-process: the controller's clock is 24h ahead of real
+    // time now, so its freshly issued serving certificate is "not yet
+    // valid" for a real-time TLS client.)
+    let bundle = m.ctl.shared.ca.bundle();
+    assert_eq!(
+        bundle.roots_der.len(),
+        1,
+        "the old root is no longer trusted"
+    );
+}
