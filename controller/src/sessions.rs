@@ -350,6 +350,17 @@ pub async fn run(
             let digest = digest_of(&target);
             let (upserts, removals) = snapshot::diff(&held, &target);
             let changed = !upserts.is_empty() || !removals.is_empty();
+            if !changed && !first_push && rejected_digest.is_some() {
+                // The desired config is back to what the host holds: the
+                // rejection no longer applies.
+                rejected_digest = None;
+                ack.rejected_version = 0;
+                ack.rejected_digest.clear();
+                ack.reject_reason.clear();
+                if let Err(e) = put_leased(&shared, shared.keys.ack(&ctx.host_id), serde_json::to_vec(&ack).unwrap_or_default(), lease).await {
+                    tracing::warn!(host = %ctx.host_id, error = %e, "clearing a rejection failed");
+                }
+            }
             if changed && rejected_digest.as_deref() != Some(digest.as_str()) || first_push {
                 let full = first_push && hello.entries.is_empty();
                 let version = u64::try_from(state.revision).unwrap_or(0);
@@ -602,8 +613,9 @@ pub async fn status(shared: &Shared) -> Result<(Vec<HostState>, Revision), Store
         let in_sync = a.is_some_and(|a| a.acked_digest == latest_digest);
         let state_text = match (l, a) {
             (None, _) => "offline",
-            (Some(_), Some(a)) if a.rejected_version > a.acked_version => "rejected",
             (Some(_), _) if in_sync => "ready",
+            // What the controller wants now is what the host refused.
+            (Some(_), Some(a)) if !a.rejected_digest.is_empty() && a.rejected_digest == latest_digest => "rejected",
             (Some(_), _) => "syncing",
         };
         hosts.push(HostState {

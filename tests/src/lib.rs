@@ -612,3 +612,4 @@ pub mod grpc {
         }
     }
 }
+pub mod mesh;
