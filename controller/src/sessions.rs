@@ -357,7 +357,14 @@ pub async fn run(
                 ack.rejected_version = 0;
                 ack.rejected_digest.clear();
                 ack.reject_reason.clear();
-                if let Err(e) = put_leased(&shared, shared.keys.ack(&ctx.host_id), serde_json::to_vec(&ack).unwrap_or_default(), lease).await {
+                if let Err(e) = put_leased(
+                    &shared,
+                    shared.keys.ack(&ctx.host_id),
+                    serde_json::to_vec(&ack).unwrap_or_default(),
+                    lease,
+                )
+                .await
+                {
                     tracing::warn!(host = %ctx.host_id, error = %e, "clearing a rejection failed");
                 }
             }
@@ -615,7 +622,11 @@ pub async fn status(shared: &Shared) -> Result<(Vec<HostState>, Revision), Store
             (None, _) => "offline",
             (Some(_), _) if in_sync => "ready",
             // What the controller wants now is what the host refused.
-            (Some(_), Some(a)) if !a.rejected_digest.is_empty() && a.rejected_digest == latest_digest => "rejected",
+            (Some(_), Some(a))
+                if !a.rejected_digest.is_empty() && a.rejected_digest == latest_digest =>
+            {
+                "rejected"
+            }
             (Some(_), _) => "syncing",
         };
         hosts.push(HostState {

@@ -169,7 +169,7 @@ impl Default for ProxySection {
             transport: Transport::Tcp,
             quic_listen: true,
             app_address: "127.0.0.1".parse().expect("valid"),
-            connect_timeout: Dur::from_secs(5),
+            connect_timeout: Dur::from_secs(1),
             drain_timeout: Dur::from_secs(10),
             max_connections_per_peer: 4,
             worker_threads: 0,

@@ -108,7 +108,12 @@ impl MeshLab {
         )
         .expect("controller.toml");
         let conf = config.display().to_string();
-        let p = self.lab.spawn(CONTROLLER_HOST, "controller", bin("mesh-controller"), &["serve", "--config", &conf]);
+        let p = self.lab.spawn(
+            CONTROLLER_HOST,
+            "controller",
+            bin("mesh-controller"),
+            &["serve", "--config", &conf],
+        );
         self.controller = Some(p);
         self.wait_controller_ready();
     }
@@ -116,14 +121,19 @@ impl MeshLab {
     pub fn wait_controller_ready(&mut self) {
         let lab = &self.lab;
         let ctl = &mut self.controller;
-        eventually("the controller to be ready", Duration::from_secs(60), || {
-            if let Some(p) = ctl.as_mut() {
-                if !p.is_running() {
-                    panic!("controller exited:\n{}", p.log());
+        eventually(
+            "the controller to be ready",
+            Duration::from_secs(60),
+            || {
+                if let Some(p) = ctl.as_mut() {
+                    if !p.is_running() {
+                        panic!("controller exited:\n{}", p.log());
+                    }
                 }
-            }
-            lab.http_get(CONTROLLER_HOST, "http://127.0.0.1:15014/readyz").map(|_| ())
-        });
+                lab.http_get(CONTROLLER_HOST, "http://127.0.0.1:15014/readyz")
+                    .map(|_| ())
+            },
+        );
     }
 
     /// SIGKILL the controller.
@@ -145,14 +155,21 @@ impl MeshLab {
             panic!(
                 "meshctl {args:?} failed: {}\ncontroller log:\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                self.controller.as_ref().map(|p| p.log()).unwrap_or_default()
+                self.controller
+                    .as_ref()
+                    .map(|p| p.log())
+                    .unwrap_or_default()
             );
         }
         String::from_utf8_lossy(&out.stdout).to_string()
     }
 
     pub fn apply(&self, yaml: &str) -> String {
-        let path = self.lab.dir.path().join(format!("apply-{}.yaml", crate::free_port()));
+        let path = self
+            .lab
+            .dir
+            .path()
+            .join(format!("apply-{}.yaml", crate::free_port()));
         std::fs::write(&path, yaml).expect("writing yaml");
         self.meshctl_ok(&["apply", "-f", path.to_str().expect("utf-8 path")])
     }
@@ -177,9 +194,21 @@ impl MeshLab {
         std::fs::write(&token_file, &token).expect("token file");
         let state = self.state_dir(host).display().to_string();
         let mut c = self.lab.cmd(host, bin("meshd"));
-        c.args(["join", "--controller", &self.controller_url(), "--token-file"])
-            .arg(&token_file)
-            .args(["--ca-hash", &ca_hash, "--state-dir", &state, "--user", "root"]);
+        c.args([
+            "join",
+            "--controller",
+            &self.controller_url(),
+            "--token-file",
+        ])
+        .arg(&token_file)
+        .args([
+            "--ca-hash",
+            &ca_hash,
+            "--state-dir",
+            &state,
+            "--user",
+            "root",
+        ]);
         crate::run_ok(&mut c);
     }
 
@@ -198,7 +227,12 @@ impl MeshLab {
 
     pub fn start_meshd(&mut self, host: usize) {
         let config = self.meshd_config(host).display().to_string();
-        let p = self.lab.spawn(host, &format!("meshd{host}"), bin("meshd"), &["run", "--config", &config]);
+        let p = self.lab.spawn(
+            host,
+            &format!("meshd{host}"),
+            bin("meshd"),
+            &["run", "--config", &config],
+        );
         self.meshd[host] = Some(p);
         self.wait_meshd_ready(host);
     }
@@ -206,20 +240,26 @@ impl MeshLab {
     pub fn wait_meshd_ready(&mut self, host: usize) {
         let lab = &self.lab;
         let p = &mut self.meshd[host];
-        eventually(&format!("meshd on host {host} to be ready"), Duration::from_secs(30), || {
-            if let Some(p) = p.as_mut() {
-                if !p.is_running() {
-                    panic!("meshd on host {host} exited:\n{}", p.log());
+        eventually(
+            &format!("meshd on host {host} to be ready"),
+            Duration::from_secs(30),
+            || {
+                if let Some(p) = p.as_mut() {
+                    if !p.is_running() {
+                        panic!("meshd on host {host} exited:\n{}", p.log());
+                    }
                 }
-            }
-            lab.http_get(host, "http://127.0.0.1:15000/ready").map(|_| ())
-        });
+                lab.http_get(host, "http://127.0.0.1:15000/ready")
+                    .map(|_| ())
+            },
+        );
     }
 
     /// SIGTERM meshd on `host`; returns whether it exited 0.
     pub fn stop_meshd(&mut self, host: usize) -> bool {
         let mut p = self.meshd[host].take().expect("meshd running");
-        p.terminate(Duration::from_secs(30)).is_some_and(|s| s.success())
+        p.terminate(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
     }
 
     pub fn kill_meshd(&mut self, host: usize) {
@@ -229,12 +269,20 @@ impl MeshLab {
     }
 
     pub fn meshd_log(&self, host: usize) -> String {
-        self.meshd[host].as_ref().map(|p| p.log()).unwrap_or_default()
+        self.meshd[host]
+            .as_ref()
+            .map(|p| p.log())
+            .unwrap_or_default()
     }
 
     /// The config meshd on `host` is using.
     pub fn config(&self, host: usize) -> Value {
-        json(&self.lab.http_get(host, "http://127.0.0.1:15000/config").expect("meshd /config"))
+        json(
+            &self
+                .lab
+                .http_get(host, "http://127.0.0.1:15000/config")
+                .expect("meshd /config"),
+        )
     }
 
     pub fn endpoints(&self, host: usize, ns: &str, name: &str) -> Vec<String> {
@@ -259,29 +307,51 @@ impl MeshLab {
     pub fn app(&mut self, host: usize, port: u16, body: &str, bind: &str) {
         let script = self.app_script.display().to_string();
         let port_s = port.to_string();
-        let p = self.lab.spawn(host, &format!("app{host}-{port}"), "python3", &[&script, &port_s, body, bind]);
+        let p = self.lab.spawn(
+            host,
+            &format!("app{host}-{port}"),
+            "python3",
+            &[&script, &port_s, body, bind],
+        );
         self.apps.push(p);
-        let probe = if bind.contains(':') { format!("[{bind}]") } else { bind.replace("0.0.0.0", "127.0.0.1") };
-        self.lab.wait_tcp(host, &format!("{probe}:{port}"), Duration::from_secs(10));
+        let probe = if bind.contains(':') {
+            format!("[{bind}]")
+        } else {
+            bind.replace("0.0.0.0", "127.0.0.1")
+        };
+        self.lab
+            .wait_tcp(host, &format!("{probe}:{port}"), Duration::from_secs(10));
     }
 
     /// An app serving a big file at /big.
     pub fn big_app(&mut self, host: usize, port: u16, file: &std::path::Path) {
         let script = self.app_script.display().to_string();
         let mut c = self.lab.cmd(host, "python3");
-        c.args([script.as_str(), &port.to_string(), "big", "0.0.0.0"]).env("BIG_FILE", file);
+        c.args([script.as_str(), &port.to_string(), "big", "0.0.0.0"])
+            .env("BIG_FILE", file);
         let p = Proc::spawn(&format!("bigapp{host}"), c, self.lab.dir.path());
         self.apps.push(p);
-        self.lab.wait_tcp(host, &format!("127.0.0.1:{port}"), Duration::from_secs(10));
+        self.lab
+            .wait_tcp(host, &format!("127.0.0.1:{port}"), Duration::from_secs(10));
     }
 
     /// curl from `host`: Ok(body) or Err(stderr).
     pub fn curl(&self, host: usize, url: &str, max_time_s: u32) -> Result<String, String> {
-        let out = output(self.lab.cmd(host, "curl").args(["-sS", "--fail", "--max-time", &max_time_s.to_string(), url]));
+        let out = output(self.lab.cmd(host, "curl").args([
+            "-sS",
+            "--fail",
+            "--max-time",
+            &max_time_s.to_string(),
+            url,
+        ]));
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).to_string())
         } else {
-            Err(format!("{} (exit {})", String::from_utf8_lossy(&out.stderr).trim(), out.status))
+            Err(format!(
+                "{} (exit {})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            ))
         }
     }
 
@@ -295,20 +365,31 @@ impl MeshLab {
             if let Some(p) = m {
                 let log = p.log();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();
-                s.push_str(&format!("==== meshd{i} (last 60 lines)\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+                s.push_str(&format!(
+                    "==== meshd{i} (last 60 lines)\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
             }
         }
         s
     }
 
     /// Polls `check` on the lab, printing all logs if it never holds.
-    pub fn eventually<T>(&self, what: &str, patience: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    pub fn eventually<T>(
+        &self,
+        what: &str,
+        patience: Duration,
+        mut check: impl FnMut() -> Result<T, String>,
+    ) -> T {
         let deadline = Instant::now() + patience;
         loop {
             match check() {
                 Ok(v) => return v,
                 Err(e) if Instant::now() >= deadline => {
-                    panic!("timed out after {patience:?} waiting for {what}; last: {e}\n{}", self.logs())
+                    panic!(
+                        "timed out after {patience:?} waiting for {what}; last: {e}\n{}",
+                        self.logs()
+                    )
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }

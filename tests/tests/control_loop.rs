@@ -41,25 +41,59 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     for h in [1, 2, 3] {
         m.start_meshd(h);
     }
-    let (a1, a2) = (m.lab.host(1).addr.to_string(), m.lab.host(2).addr.to_string());
+    let (a1, a2) = (
+        m.lab.host(1).addr.to_string(),
+        m.lab.host(2).addr.to_string(),
+    );
 
     // The client's config lists both endpoints, with their health.
-    m.eventually("both endpoints in the client's config", Duration::from_secs(20), || {
-        let eps = m.endpoints(3, "shop", "web");
-        if eps == vec![a1.clone(), a2.clone()] { Ok(()) } else { Err(format!("{eps:?}")) }
-    });
-    m.eventually("endpoints reported healthy", Duration::from_secs(20), || {
-        let config = m.config(3);
-        let web = &config["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").cloned().unwrap();
-        let healthy = web["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["healthyPorts"].as_array().is_some_and(|p| p.contains(&serde_json::json!(8080))))
-            .count();
-        if healthy == 2 { Ok(()) } else { Err(format!("{web}")) }
-    });
-    let vip = m.config(3)["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").unwrap()["vips"][0]
+    m.eventually(
+        "both endpoints in the client's config",
+        Duration::from_secs(20),
+        || {
+            let eps = m.endpoints(3, "shop", "web");
+            if eps == vec![a1.clone(), a2.clone()] {
+                Ok(())
+            } else {
+                Err(format!("{eps:?}"))
+            }
+        },
+    );
+    m.eventually(
+        "endpoints reported healthy",
+        Duration::from_secs(20),
+        || {
+            let config = m.config(3);
+            let web = &config["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == "web")
+                .cloned()
+                .unwrap();
+            let healthy = web["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| {
+                    e["healthyPorts"]
+                        .as_array()
+                        .is_some_and(|p| p.contains(&serde_json::json!(8080)))
+                })
+                .count();
+            if healthy == 2 {
+                Ok(())
+            } else {
+                Err(format!("{web}"))
+            }
+        },
+    );
+    let vip = m.config(3)["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()["vips"][0]
         .as_str()
         .unwrap()
         .to_string();
@@ -69,17 +103,35 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     let got = m.lab.sh_ok(3, "getent hosts web.shop.mesh");
     assert_eq!(got.split_whitespace().next(), Some(vip.as_str()), "{got}");
     let got = m.lab.sh_ok(3, "getent hosts web");
-    assert_eq!(got.split_whitespace().next(), Some(vip.as_str()), "one-label names in the host's namespace: {got}");
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(vip.as_str()),
+        "one-label names in the host's namespace: {got}"
+    );
     let missing = m.lab.sh(3, "getent hosts nope.shop.mesh");
-    assert!(!missing.status.success(), "unknown mesh names do not resolve");
+    assert!(
+        !missing.status.success(),
+        "unknown mesh names do not resolve"
+    );
 
     // meshctl status: every host, in sync, with heartbeats and certificates.
-    m.eventually("every host ready and in sync", Duration::from_secs(20), || {
-        let st = m.status();
-        let hosts = st["items"].as_array().unwrap().clone();
-        let ready = hosts.iter().filter(|h| h["state"] == "ready" && h["inSync"] == true).count();
-        if hosts.len() == 3 && ready == 3 { Ok(()) } else { Err(format!("{st:#}")) }
-    });
+    m.eventually(
+        "every host ready and in sync",
+        Duration::from_secs(20),
+        || {
+            let st = m.status();
+            let hosts = st["items"].as_array().unwrap().clone();
+            let ready = hosts
+                .iter()
+                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
+                .count();
+            if hosts.len() == 3 && ready == 3 {
+                Ok(())
+            } else {
+                Err(format!("{st:#}"))
+            }
+        },
+    );
     let st = m.status();
     for h in st["items"].as_array().unwrap() {
         assert!(h["lastHeartbeatUnixMs"].as_i64().unwrap() > 0, "{h}");
@@ -91,27 +143,46 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     // within the lease TTL plus one push.
     m.kill_meshd(2);
     let killed = Instant::now();
-    m.eventually("the dead endpoint to leave the client's config", Duration::from_secs(LEASE_TTL_S + 10), || {
-        let eps = m.endpoints(3, "shop", "web");
-        if eps == vec![a1.clone()] { Ok(()) } else { Err(format!("{eps:?}")) }
-    });
+    m.eventually(
+        "the dead endpoint to leave the client's config",
+        Duration::from_secs(LEASE_TTL_S + 10),
+        || {
+            let eps = m.endpoints(3, "shop", "web");
+            if eps == vec![a1.clone()] {
+                Ok(())
+            } else {
+                Err(format!("{eps:?}"))
+            }
+        },
+    );
     let took = killed.elapsed();
     assert!(
         took <= Duration::from_secs(LEASE_TTL_S + 3),
         "took {took:?}; the lease TTL is {LEASE_TTL_S}s"
     );
     m.start_meshd(2);
-    m.eventually("the restarted endpoint back", Duration::from_secs(20), || {
-        let eps = m.endpoints(3, "shop", "web");
-        if eps.len() == 2 { Ok(()) } else { Err(format!("{eps:?}")) }
-    });
+    m.eventually(
+        "the restarted endpoint back",
+        Duration::from_secs(20),
+        || {
+            let eps = m.endpoints(3, "shop", "web");
+            if eps.len() == 2 {
+                Ok(())
+            } else {
+                Err(format!("{eps:?}"))
+            }
+        },
+    );
 
     // Stopping the controller changes no host's config.
     let before: Vec<serde_json::Value> = (1..=3).map(|h| m.config(h)).collect();
     m.kill_controller();
     std::thread::sleep(Duration::from_secs(LEASE_TTL_S + 2));
     let after: Vec<serde_json::Value> = (1..=3).map(|h| m.config(h)).collect();
-    assert_eq!(before, after, "configs must not change while the controller is gone");
+    assert_eq!(
+        before, after,
+        "configs must not change while the controller is gone"
+    );
 
     // Restarting a meshd while the controller is down serves the same
     // snapshot from disk, and DNS still answers.
@@ -123,42 +194,99 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
 
     // The controller comes back; hosts reconnect without a full push.
     m.start_controller();
-    m.eventually("every host reconnected and in sync", Duration::from_secs(40), || {
-        let st = m.status();
-        let ready = st["items"].as_array().unwrap().iter().filter(|h| h["state"] == "ready" && h["inSync"] == true).count();
-        if ready == 3 { Ok(()) } else { Err(format!("{st:#}")) }
-    });
+    m.eventually(
+        "every host reconnected and in sync",
+        Duration::from_secs(40),
+        || {
+            let st = m.status();
+            let ready = st["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
+                .count();
+            if ready == 3 {
+                Ok(())
+            } else {
+                Err(format!("{st:#}"))
+            }
+        },
+    );
 
     // An update a host cannot take is rejected, the last good config keeps
     // serving, and meshctl status shows it.
     let good_version = m.config(1)["version"].clone();
     m.apply(&MESH.replace("targetPort: 8080", "targetPort: 15008"));
-    m.eventually("the web hosts to reject the update", Duration::from_secs(20), || {
-        let st = m.status();
-        let rejected: Vec<&serde_json::Value> =
-            st["items"].as_array().unwrap().iter().filter(|h| h["state"] == "rejected").collect();
-        if rejected.len() == 2
-            && rejected.iter().all(|h| h["rejectReason"].as_str().unwrap().contains("meshd's own ports"))
-        {
-            Ok(())
-        } else {
-            Err(format!("{st:#}"))
-        }
-    });
-    assert_eq!(m.config(1)["version"], good_version, "host 1 keeps serving its last good config");
+    m.eventually(
+        "the web hosts to reject the update",
+        Duration::from_secs(20),
+        || {
+            let st = m.status();
+            let rejected: Vec<&serde_json::Value> = st["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["state"] == "rejected")
+                .collect();
+            if rejected.len() == 2
+                && rejected.iter().all(|h| {
+                    h["rejectReason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("meshd's own ports")
+                })
+            {
+                Ok(())
+            } else {
+                Err(format!("{st:#}"))
+            }
+        },
+    );
+    assert_eq!(
+        m.config(1)["version"],
+        good_version,
+        "host 1 keeps serving its last good config"
+    );
     let table = m.meshctl_ok(&["status"]);
     assert!(table.contains("rejected"), "{table}");
     // The client host, which does not serve web, took it.
-    m.eventually("the client to take the update", Duration::from_secs(20), || {
-        let st = m.status();
-        let client = st["items"].as_array().unwrap().iter().find(|h| h["group"] == "client").cloned().unwrap();
-        if client["state"] == "ready" && client["inSync"] == true { Ok(()) } else { Err(format!("{client}")) }
-    });
+    m.eventually(
+        "the client to take the update",
+        Duration::from_secs(20),
+        || {
+            let st = m.status();
+            let client = st["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h["group"] == "client")
+                .cloned()
+                .unwrap();
+            if client["state"] == "ready" && client["inSync"] == true {
+                Ok(())
+            } else {
+                Err(format!("{client}"))
+            }
+        },
+    );
     // Fixing it brings everyone back in sync.
     m.apply(MESH);
-    m.eventually("all hosts in sync after the fix", Duration::from_secs(20), || {
-        let st = m.status();
-        let ready = st["items"].as_array().unwrap().iter().filter(|h| h["state"] == "ready" && h["inSync"] == true).count();
-        if ready == 3 { Ok(()) } else { Err(format!("{st:#}")) }
-    });
+    m.eventually(
+        "all hosts in sync after the fix",
+        Duration::from_secs(20),
+        || {
+            let st = m.status();
+            let ready = st["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
+                .count();
+            if ready == 3 {
+                Ok(())
+            } else {
+                Err(format!("{st:#}"))
+            }
+        },
+    );
 }

@@ -105,6 +105,16 @@ impl ServiceState {
     }
 }
 
+/// Where a captured connection goes.
+#[derive(Clone, Debug)]
+pub struct Destination {
+    pub service: Arc<ServiceState>,
+    /// The service port (as clients of the VIP see it).
+    pub port: u16,
+    /// Set when the connection was addressed to this endpoint directly.
+    pub endpoint: Option<Arc<EndpointState>>,
+}
+
 /// A local port of a service this host serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServedPort {
@@ -291,12 +301,29 @@ impl MeshState {
         Ok(())
     }
 
-    /// Which service a connection to `dst` is for, and the service port.
-    pub fn lookup(&self, dst: SocketAddr) -> Option<(Arc<ServiceState>, u16)> {
+    /// Which service a connection to `dst` is for, the service port, and,
+    /// when `dst` is an endpoint's real address, that endpoint: such a
+    /// connection goes to the host it was addressed to, not to whichever
+    /// endpoint the balancer picks.
+    pub fn lookup(&self, dst: SocketAddr) -> Option<Destination> {
         if let Some(svc) = self.by_vip.get(&dst.ip()) {
-            return svc.port(dst.port()).map(|p| (svc.clone(), p.port));
+            return svc.port(dst.port()).map(|p| Destination {
+                service: svc.clone(),
+                port: p.port,
+                endpoint: None,
+            });
         }
-        self.by_endpoint.get(&dst).cloned()
+        let (svc, port) = self.by_endpoint.get(&dst)?;
+        let endpoint = svc
+            .endpoints
+            .iter()
+            .find(|e| e.address == dst.ip())
+            .cloned();
+        Some(Destination {
+            service: svc.clone(),
+            port: *port,
+            endpoint,
+        })
     }
 
     /// (service, namespace) -> VIPs: the mesh names DNS answers.
@@ -587,11 +614,17 @@ pub(crate) mod tests {
             ),
         ]);
         let st = MeshState::build(&snap, &limits()).unwrap();
-        let (svc, port) = st.lookup("240.240.0.10:80".parse().unwrap()).unwrap();
-        assert_eq!((svc.name.as_str(), port), ("web", 80));
+        let d = st.lookup("240.240.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!((d.service.name.as_str(), d.port), ("web", 80));
+        assert!(d.endpoint.is_none(), "a VIP is load-balanced");
         assert!(st.lookup("240.240.0.10:81".parse().unwrap()).is_none());
-        let (svc, port) = st.lookup("10.0.0.2:8080".parse().unwrap()).unwrap();
-        assert_eq!((svc.name.as_str(), port), ("web", 80));
+        let d = st.lookup("10.0.0.2:8080".parse().unwrap()).unwrap();
+        assert_eq!((d.service.name.as_str(), d.port), ("web", 80));
+        assert_eq!(
+            d.endpoint.unwrap().host_id,
+            "web-1",
+            "a real address goes to that endpoint"
+        );
         assert_eq!(st.served.get(&8080).unwrap().mtls, MtlsMode::Strict);
         let names = st.dns_names();
         assert_eq!(

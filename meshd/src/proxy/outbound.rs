@@ -91,7 +91,7 @@ impl Outbound {
             return;
         }
         let state = self.mesh.load();
-        let Some((service, port)) = state.lookup(dst) else {
+        let Some(destination) = state.lookup(dst) else {
             self.metrics.fail("outbound", "", "no_service");
             tracing::info!(%src, %dst, "no mesh service at this destination; closing");
             access_log(
@@ -111,6 +111,8 @@ impl Outbound {
             );
             return;
         };
+        let service = destination.service.clone();
+        let port = destination.port;
         let svc_name = service.fqdn();
         let Some(port_state) = service.port(port) else {
             return;
@@ -120,10 +122,18 @@ impl Outbound {
         let mut last_error: Option<TunnelError> = None;
         let mut opened = None;
         for _ in 0..ATTEMPTS {
-            let Some((endpoint, stats)) =
-                self.balancer
-                    .pick(&service.endpoints, target, &tried, now_ms(), rand::random)
-            else {
+            let picked = match &destination.endpoint {
+                // Addressed to one host: that host or nothing.
+                Some(ep) if tried.is_empty() => {
+                    Some((ep.clone(), self.balancer.stats(&ep.host_id, target)))
+                }
+                Some(_) => None,
+                None => {
+                    self.balancer
+                        .pick(&service.endpoints, target, &tried, now_ms(), rand::random)
+                }
+            };
+            let Some((endpoint, stats)) = picked else {
                 break;
             };
             tried.push(endpoint.host_id.clone());

@@ -262,6 +262,12 @@ impl Pool {
                     conn.dead.store(true, Ordering::Release);
                     last = Some(e);
                 }
+                Err(StreamFailure::Unanswered(e)) => {
+                    // The peer went quiet: the connection is suspect, and so
+                    // is the peer; let the caller try another endpoint.
+                    conn.dead.store(true, Ordering::Release);
+                    return Err(e);
+                }
                 Err(StreamFailure::Stream(e)) => return Err(e),
             }
         }
@@ -295,7 +301,12 @@ impl Pool {
         let mut send = match tokio::time::timeout(timeout, conn.send.clone().ready()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(proto(e.to_string())),
-            Err(_) => return Err(proto("no stream capacity in time".to_string())),
+            Err(_) => {
+                return Err(StreamFailure::Unanswered(TunnelError::Protocol {
+                    addr,
+                    detail: "no stream capacity in time".to_string(),
+                }));
+            }
         };
         let (response, stream) = send
             .send_request(request, false)
@@ -311,7 +322,15 @@ impl Pool {
                 }));
             }
             Ok(Err(e)) => return Err(proto(e.to_string())),
-            Err(_) => return Err(proto("no answer to CONNECT in time".to_string())),
+            Err(_) => {
+                return Err(StreamFailure::Unanswered(TunnelError::Protocol {
+                    addr,
+                    detail: format!(
+                        "no answer to CONNECT within {}ms",
+                        (timeout * 2).as_millis()
+                    ),
+                }));
+            }
         };
         let status = response.status().as_u16();
         if status != 200 {
@@ -328,6 +347,8 @@ impl Pool {
 enum StreamFailure {
     /// The connection is unusable; another may work.
     Connection(TunnelError),
+    /// The peer did not answer in time.
+    Unanswered(TunnelError),
     /// This stream failed; the connection is fine.
     Stream(TunnelError),
 }

@@ -1,0 +1,400 @@
+//! The data plane across network-namespace hosts: unmodified programs,
+//! nftables capture, mTLS tunnels, strict mode, load balancing, failover,
+//! a large transfer, and clean removal.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use hostmesh_tests::mesh::{MeshLab, StoreKind};
+
+const MESH: &str = r#"
+apiVersion: hostmesh/v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: http}]
+  mtls: strict
+---
+apiVersion: hostmesh/v1
+kind: WorkloadGroup
+metadata: {name: web, namespace: shop}
+spec: {labels: {app: web}, services: [web]}
+---
+apiVersion: hostmesh/v1
+kind: WorkloadGroup
+metadata: {name: client, namespace: shop}
+spec: {}
+"#;
+
+const CLIENT: usize = 3;
+const PLAIN: usize = 4;
+
+/// host 0: controller; 1, 2: web servers; 3: mesh client; 4: a plain host
+/// with no meshd.
+fn lab(web_hosts: &[usize]) -> MeshLab {
+    hostmesh_tests::require_root();
+    let mut m = MeshLab::start(5, StoreKind::Embedded, 5);
+    m.apply(MESH);
+    for &h in web_hosts {
+        m.join(h, "shop/web");
+        // Listening on every address, so that only strict mode keeps
+        // plaintext from other hosts out.
+        m.app(h, 8080, &format!("web-{h}"), "0.0.0.0");
+    }
+    m.join(CLIENT, "shop/client");
+    for &h in web_hosts {
+        m.start_meshd(h);
+    }
+    m.start_meshd(CLIENT);
+    let want = web_hosts.len();
+    m.eventually(
+        "the client to see every healthy endpoint",
+        Duration::from_secs(20),
+        || {
+            let config = m.config(CLIENT);
+            let web = config["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == "web")
+                .cloned()
+                .unwrap_or_default();
+            let healthy = web["endpoints"]
+                .as_array()
+                .map(|e| {
+                    e.iter()
+                        .filter(|e| !e["healthyPorts"].as_array().unwrap().is_empty())
+                        .count()
+                })
+                .unwrap_or(0);
+            if healthy == want {
+                Ok(())
+            } else {
+                Err(format!("{web}"))
+            }
+        },
+    );
+    m
+}
+
+fn vip(m: &MeshLab) -> String {
+    m.config(CLIENT)["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap()["vips"][0]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn metric(text: &str, name: &str, must_contain: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && must_contain.iter().all(|c| l.contains(c)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[test]
+fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls() {
+    let m = lab(&[1, 2]);
+    let vip = vip(&m);
+    let a1 = m.lab.host(1).addr;
+
+    // By mesh name, by VIP, and by the server's real address.
+    let by_name = m
+        .curl(CLIENT, "http://web.shop.mesh/", 10)
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.logs()));
+    assert!(by_name == "web-1" || by_name == "web-2", "{by_name}");
+    let by_vip = m.curl(CLIENT, &format!("http://{vip}/"), 10).unwrap();
+    assert!(by_vip.starts_with("web-"), "{by_vip}");
+    for _ in 0..5 {
+        assert_eq!(
+            m.curl(CLIENT, &format!("http://{a1}:8080/"), 10).unwrap(),
+            "web-1",
+            "a real address goes to that host"
+        );
+    }
+
+    // Connections spread across both servers.
+    let seen: HashSet<String> = (0..30)
+        .map(|_| m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap())
+        .collect();
+    assert_eq!(
+        seen,
+        HashSet::from(["web-1".to_string(), "web-2".to_string()]),
+        "both servers answer"
+    );
+
+    // On the wire between hosts there is TLS to port 15008, and none of
+    // the payload in plaintext.
+    let pcap = m.lab.dir.path().join("client.pcap");
+    let veth = format!("w{}h{CLIENT}", m.lab.id);
+    let mut dump = hostmesh_tests::Proc::spawn(
+        "tcpdump",
+        {
+            let mut c = std::process::Command::new("ip");
+            c.args([
+                "netns",
+                "exec",
+                &m.lab.sw,
+                "tcpdump",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-i",
+                &veth,
+                "-U",
+                "-n",
+                "-s",
+                "0",
+                "-w",
+            ])
+            .arg(&pcap)
+            .arg("tcp");
+            c
+        },
+        m.lab.dir.path(),
+    );
+    hostmesh_tests::eventually("tcpdump to start", Duration::from_secs(10), || {
+        if dump.log().contains("listening on") {
+            Ok(())
+        } else {
+            Err(dump.log())
+        }
+    });
+    let marker = "HOSTMESH-PLAINTEXT-MARKER-7f3a9c";
+    let body = m.lab.dir.path().join("marker.txt");
+    std::fs::write(&body, marker.repeat(100)).unwrap();
+    let out = hostmesh_tests::output(
+        m.lab
+            .cmd(CLIENT, "curl")
+            .args(["-sS", "--fail", "--max-time", "10", "--data-binary"])
+            .arg(format!("@{}", body.display()))
+            .arg("http://web.shop.mesh/"),
+    );
+    assert!(out.status.success(), "{}", hostmesh_tests::stderr_of(&out));
+    let answer = hostmesh_tests::stdout_of(&out);
+    assert!(
+        answer.starts_with(&format!("{} ", marker.len() * 100)),
+        "the server got the whole body: {answer}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    dump.terminate(Duration::from_secs(5));
+    let text = hostmesh_tests::run_ok(
+        std::process::Command::new("tcpdump")
+            .args(["-r"])
+            .arg(&pcap)
+            .args(["-n", "-A"]),
+    );
+    assert!(!text.contains(marker), "plaintext payload seen on the wire");
+    assert!(
+        !text.contains("GET / HTTP") && !text.contains("POST / HTTP"),
+        "plaintext HTTP seen on the wire"
+    );
+    assert!(
+        text.contains(".15008"),
+        "tunnel traffic to port 15008 expected:\n{}",
+        &text[..text.len().min(2000)]
+    );
+    assert!(
+        !text.contains(".8080:") && !text.contains(".8080 >"),
+        "nothing to the app port on the wire"
+    );
+
+    // Plaintext from a third host to the strict port is dropped; the
+    // tunnel port is open.
+    let plain = m.curl(PLAIN, &format!("http://{a1}:8080/"), 3);
+    assert!(
+        plain.is_err(),
+        "plaintext to a strict port must not get through: {plain:?}"
+    );
+    m.lab
+        .wait_tcp(PLAIN, &format!("{a1}:15008"), Duration::from_secs(5));
+
+    // Metrics on both ends, by service and peer identity.
+    let client_metrics = m
+        .lab
+        .http_get(CLIENT, "http://127.0.0.1:15000/metrics")
+        .unwrap();
+    let opened = metric(
+        &client_metrics,
+        "hostmesh_meshd_connections_opened_total",
+        &[
+            "direction=\"outbound\"",
+            "service=\"web.shop\"",
+            "peer=\"spiffe://hostmesh.local/ns/shop/sa/web\"",
+        ],
+    );
+    assert!(opened >= 36, "{opened}\n{client_metrics}");
+    assert!(
+        metric(
+            &client_metrics,
+            "hostmesh_meshd_sent_bytes_total",
+            &["direction=\"outbound\""]
+        ) >= (marker.len() * 100) as u64
+    );
+    let server_metrics = m.lab.http_get(1, "http://127.0.0.1:15000/metrics").unwrap();
+    assert!(
+        metric(
+            &server_metrics,
+            "hostmesh_meshd_connections_opened_total",
+            &[
+                "direction=\"inbound\"",
+                "peer=\"spiffe://hostmesh.local/ns/shop/sa/client\""
+            ]
+        ) > 0,
+        "{server_metrics}"
+    );
+    // One JSON access-log line per connection, with both identities.
+    let log = m.meshd_log(CLIENT);
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"direction\":\"outbound\"") && l.contains("\"result\":\"ok\""))
+        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(
+        entry["src_identity"],
+        "spiffe://hostmesh.local/ns/shop/sa/client"
+    );
+    assert_eq!(
+        entry["dst_identity"],
+        "spiffe://hostmesh.local/ns/shop/sa/web"
+    );
+    assert_eq!(entry["service"], "web.shop");
+    assert!(entry["bytes_received"].as_u64().unwrap() > 0);
+    // Pooled tunnels: far fewer handshakes than connections.
+    let status: serde_json::Value = serde_json::from_str(
+        &m.lab
+            .http_get(CLIENT, "http://127.0.0.1:15000/status")
+            .unwrap(),
+    )
+    .unwrap();
+    let conns: u64 = status["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["connections"].as_u64().unwrap())
+        .sum();
+    assert!(conns <= 2 * 4, "tunnels are pooled: {status}");
+}
+
+#[test]
+fn new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_dies() {
+    let mut m = lab(&[1, 2]);
+    // Warm the pool to both.
+    let seen: HashSet<String> = (0..20)
+        .map(|_| m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap())
+        .collect();
+    assert_eq!(seen.len(), 2);
+    // The host dies: its processes and its link.
+    m.kill_meshd(1);
+    m.apps.retain_mut(|a| {
+        if a.name == "app1-8080" {
+            a.kill();
+            false
+        } else {
+            true
+        }
+    });
+    m.lab.sh_ok(1, "ip link set eth0 down");
+    let died = Instant::now();
+    let first_ok = m.eventually(
+        "a new connection to succeed",
+        Duration::from_secs(10),
+        || {
+            m.curl(CLIENT, "http://web.shop.mesh/", 5)
+                .map(|_| Instant::now())
+        },
+    );
+    let took = first_ok.duration_since(died);
+    assert!(took <= Duration::from_secs(5), "took {took:?}");
+    for _ in 0..10 {
+        assert_eq!(m.curl(CLIENT, "http://web.shop.mesh/", 5).unwrap(), "web-2");
+    }
+}
+
+#[test]
+fn a_1gib_transfer_arrives_with_the_same_checksum() {
+    let mut m = lab(&[1]);
+    let big = m.lab.dir.path().join("big.bin");
+    hostmesh_tests::run_ok(std::process::Command::new("sh").arg("-c").arg(format!(
+        "head -c 1073741824 /dev/urandom > {}",
+        big.display()
+    )));
+    let want = hostmesh_tests::run_ok(std::process::Command::new("sha256sum").arg(&big));
+    let want = want.split_whitespace().next().unwrap().to_string();
+    m.big_app(1, 9090, &big);
+    m.apply(
+        "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: files, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 9090}]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: web, namespace: shop}\nspec: {labels: {app: web}, services: [web, files]}\n",
+    );
+    m.eventually(
+        "files endpoint healthy at the client",
+        Duration::from_secs(20),
+        || {
+            let config = m.config(CLIENT);
+            let ok = config["services"].as_array().unwrap().iter().any(|s| {
+                s["name"] == "files"
+                    && s["endpoints"].as_array().is_some_and(|e| {
+                        e.iter()
+                            .any(|e| e["healthyPorts"].as_array().is_some_and(|p| !p.is_empty()))
+                    })
+            });
+            if ok { Ok(()) } else { Err(format!("{config}")) }
+        },
+    );
+    let started = Instant::now();
+    let got = m.lab.sh_ok(
+        CLIENT,
+        "curl -sS --fail --max-time 300 http://files.shop.mesh/big | sha256sum",
+    );
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(want.as_str()),
+        "checksum differs"
+    );
+    eprintln!(
+        "1 GiB through the mesh in {secs:.1}s ({:.0} MiB/s)",
+        1024.0 / secs
+    );
+}
+
+#[test]
+fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows() {
+    let mut m = lab(&[1]);
+    let a1 = m.lab.host(1).addr;
+    assert!(m.lab.nft_tables(1).contains("inet hostmesh"));
+    assert!(
+        m.curl(PLAIN, &format!("http://{a1}:8080/"), 3).is_err(),
+        "strict while meshd runs"
+    );
+    assert_eq!(
+        m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap(),
+        "web-1"
+    );
+    // SIGTERM: drained, table removed, exit 0.
+    assert!(m.stop_meshd(1), "meshd exits 0 on SIGTERM");
+    assert!(
+        !m.lab.nft_tables(1).contains("hostmesh"),
+        "table gone: {}",
+        m.lab.nft_tables(1)
+    );
+    assert_eq!(
+        m.curl(PLAIN, &format!("http://{a1}:8080/"), 5).unwrap(),
+        "web-1",
+        "direct traffic flows again"
+    );
+    assert!(m.stop_meshd(CLIENT));
+    assert!(!m.lab.nft_tables(CLIENT).contains("hostmesh"));
+    assert_eq!(
+        m.curl(CLIENT, &format!("http://{a1}:8080/"), 5).unwrap(),
+        "web-1",
+        "the client goes direct now"
+    );
+    // No VIP route is left behind either.
+    let routes = m.lab.sh_ok(CLIENT, "ip route show proto 240");
+    assert!(routes.trim().is_empty(), "{routes}");
+}
