@@ -125,10 +125,10 @@ impl MeshLab {
             "the controller to be ready",
             Duration::from_secs(60),
             || {
-                if let Some(p) = ctl.as_mut() {
-                    if !p.is_running() {
-                        panic!("controller exited:\n{}", p.log());
-                    }
+                if let Some(p) = ctl.as_mut()
+                    && !p.is_running()
+                {
+                    panic!("controller exited:\n{}", p.log());
                 }
                 lab.http_get(CONTROLLER_HOST, "http://127.0.0.1:15014/readyz")
                     .map(|_| ())
@@ -244,10 +244,10 @@ impl MeshLab {
             &format!("meshd on host {host} to be ready"),
             Duration::from_secs(30),
             || {
-                if let Some(p) = p.as_mut() {
-                    if !p.is_running() {
-                        panic!("meshd on host {host} exited:\n{}", p.log());
-                    }
+                if let Some(p) = p.as_mut()
+                    && !p.is_running()
+                {
+                    panic!("meshd on host {host} exited:\n{}", p.log());
                 }
                 lab.http_get(host, "http://127.0.0.1:15000/ready")
                     .map(|_| ())
