@@ -24,14 +24,28 @@ use std::time::{Duration, Instant};
 
 pub use hostmesh_registry::testing::EtcdCluster;
 
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Uses binaries from `dir` (the demo's --bin-dir) instead of this build's.
+pub fn set_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
 /// Where cargo put the binaries of this build.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
+    let dir = match BIN_DIR.get() {
+        Some(d) => d.clone(),
+        None => {
+            let exe = std::env::current_exe().expect("executable path");
+            let parent = exe.parent().expect("executable directory").to_path_buf();
+            // Tests live in target/<profile>/deps; binaries one level up.
+            if parent.ends_with("deps") {
+                parent.parent().expect("target directory").to_path_buf()
+            } else {
+                parent
+            }
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

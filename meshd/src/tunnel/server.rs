@@ -72,6 +72,8 @@ pub async fn serve(
             _ = drain.signaled() => return,
         };
         let _ = tcp.set_nodelay(true);
+        // The dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
         let tls = tls.clone();
         let settings = settings.clone();
         let handler = handler.clone();
