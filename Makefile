@@ -26,7 +26,7 @@ lint: deps
 # network namespaces. Needs root.
 test: deps lint
 	$(CARGO) build --locked --bins
-	$(CARGO) test --locked --workspace -- --test-threads=$(TEST_THREADS)
+	$(CARGO) test --locked --workspace --no-fail-fast -- --test-threads=$(TEST_THREADS)
 
 unit: deps
 	$(CARGO) test --locked --workspace --lib

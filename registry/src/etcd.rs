@@ -626,6 +626,14 @@ impl Store for EtcdStore {
                 "watch on {prefix:?} from revision {from}: revisions are positive (0: from now)"
             )));
         }
+        // "From now" must mean now for the cluster, not for whichever member
+        // the watch lands on: a lagging follower would start before changes
+        // already acknowledged. A (linearizable) read pins the revision.
+        let from = if from == 0 {
+            self.current_revision().await? + 1
+        } else {
+            from
+        };
         let mut watch = EtcdWatch {
             client: self.watch.clone(),
             prefix: prefix.to_string(),
