@@ -37,6 +37,7 @@ pub struct ControllerConfig {
     /// (identity is checked by SPIFFE ID; these serve other tools).
     pub server_names: Vec<String>,
     pub ca: CaConfig,
+    pub mesh: MeshConfig,
     pub vip: VipConfig,
     pub hosts: HostsConfig,
     pub join: JoinConfig,
@@ -56,6 +57,7 @@ impl Default for ControllerConfig {
             advertise_url: String::new(),
             server_names: Vec::new(),
             ca: CaConfig::default(),
+            mesh: MeshConfig::default(),
             vip: VipConfig::default(),
             hosts: HostsConfig::default(),
             join: JoinConfig::default(),
@@ -99,6 +101,16 @@ impl Default for CaConfig {
             admin_cert_ttl: Dur::from_secs(365 * 24 * 3600),
         }
     }
+}
+
+/// Mesh-wide settings pushed to every host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Tunnel transport between hosts: "tcp", "quic", "auto" (QUIC where
+    /// the peer offers it, falling back to TCP), or "" (each host's own
+    /// meshd.toml decides; TCP by default).
+    pub transport: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -345,6 +357,12 @@ impl ControllerConfig {
         }
         if self.listen == self.metrics_listen && self.listen.port() != 0 {
             return Err(invalid("metrics_listen", "must differ from listen"));
+        }
+        if !matches!(self.mesh.transport.as_str(), "" | "tcp" | "quic" | "auto") {
+            return Err(invalid(
+                "mesh.transport",
+                format!("{:?} is not tcp, quic or auto", self.mesh.transport),
+            ));
         }
         if !matches!(self.log.format.as_str(), "json" | "text") {
             return Err(invalid(

@@ -207,6 +207,7 @@ pub fn compute_self(
     state: &ClusterState,
     host: &HostContext,
     vip_ranges: &[String],
+    transport: &str,
 ) -> ConfigEntry {
     let group = state
         .groups
@@ -246,6 +247,7 @@ pub fn compute_self(
                     .collect()
             })
             .unwrap_or_default(),
+        transport: transport.to_string(),
     };
     entry(SELF_ENTRY.to_string(), Body::SelfConfig(config))
 }
@@ -491,7 +493,7 @@ spec: {service: web, rules: [{backends: [{subset: {version: v1}}]}]}
             spiffe_id: "spiffe://hostmesh.local/ns/shop/sa/web".into(),
             trust_domain: "hostmesh.local".into(),
         };
-        let e = compute_self(&state(), &host, &["240.240.0.0/16".to_string()]);
+        let e = compute_self(&state(), &host, &["240.240.0.0/16".to_string()], "");
         match e.body {
             Some(Body::SelfConfig(s)) => {
                 assert_eq!(s.services, vec!["shop/web"]);

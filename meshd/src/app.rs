@@ -35,9 +35,10 @@ use crate::proxy::ProxyMetrics;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::lb::{Balancer, OutlierSettings};
 use crate::proxy::outbound::{self, Outbound};
-use crate::tunnel::TlsConfigs;
 use crate::tunnel::hbone::{Pool, PoolSettings};
+use crate::tunnel::quic::QuicPool;
 use crate::tunnel::server::{self as tunnel_server, ServerSettings};
+use crate::tunnel::{TlsConfigs, Tunnels};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -293,10 +294,23 @@ impl Meshd {
                 ..PoolSettings::default()
             },
         ));
+        let quic_pool = {
+            let identity = identity.clone();
+            let timeout = config.proxy.connect_timeout.get();
+            rt.data
+                .spawn(async move { QuicPool::new(identity, mark, timeout) })
+                .await?
+                .context("opening the QUIC client socket")?
+        };
+        let tunnels = Arc::new(Tunnels {
+            h2: pool.clone(),
+            quic: Some(Arc::new(quic_pool)),
+        });
         let balancer = Arc::new(Balancer::new(OutlierSettings::default()));
         let outbound = Arc::new(Outbound {
             mesh: mesh.clone(),
-            pool: pool.clone(),
+            tunnels: tunnels.clone(),
+            transport: config.proxy.transport,
             balancer: balancer.clone(),
             metrics: proxy_metrics.clone(),
             me: identity.spiffe_id().clone(),
@@ -350,10 +364,57 @@ impl Meshd {
             tunnel_listener,
             tls.clone(),
             ServerSettings::default(),
-            handler,
+            handler.clone(),
             drain.clone(),
             proxy_metrics.handshake_failures.clone(),
         ));
+        if config.proxy.quic_listen {
+            let server_config = crate::tunnel::quic::server_config(&identity)
+                .context("building the QUIC TLS config")?;
+            let socket = crate::tunnel::quic::udp_socket(config.proxy.tunnel_port, mark)
+                .with_context(|| {
+                    format!(
+                        "binding the QUIC tunnel port udp/{}",
+                        config.proxy.tunnel_port
+                    )
+                })?;
+            let endpoint = rt
+                .data
+                .spawn(async move {
+                    quinn::Endpoint::new(
+                        quinn::EndpointConfig::default(),
+                        Some(server_config),
+                        socket,
+                        Arc::new(quinn::TokioRuntime),
+                    )
+                })
+                .await?
+                .context("starting the QUIC tunnel server")?;
+            // Certificates rotate through the shared resolver; a new trust
+            // bundle needs a new server config.
+            {
+                let endpoint = endpoint.clone();
+                let identity = identity.clone();
+                let mut changes = identity.changes();
+                rt.control.spawn(async move {
+                    while changes.changed().await.is_ok() {
+                        match crate::tunnel::quic::server_config(&identity) {
+                            Ok(c) => endpoint.set_server_config(Some(c)),
+                            Err(e) => {
+                                tracing::error!(error = %e, "rebuilding the QUIC TLS config failed")
+                            }
+                        }
+                    }
+                });
+            }
+            rt.data.spawn(tunnel_server::serve_quic(
+                endpoint,
+                handler,
+                drain.clone(),
+                proxy_metrics.handshake_failures.clone(),
+            ));
+            status_tx.send_modify(|s| s.quic = true);
+        }
         drop(listeners_ready);
 
         // Capture: the table goes in now (replacing a stale one), and

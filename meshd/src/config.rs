@@ -132,22 +132,16 @@ impl Default for CaptureSection {
     }
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    Tcp,
-    Quic,
-    /// QUIC where the peer offers it, falling back to TCP.
-    Auto,
-}
+pub use crate::tunnel::Transport;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxySection {
     pub outbound_port: u16,
     pub tunnel_port: u16,
-    /// Which transport to open tunnels with.
-    pub transport: Transport,
+    /// Which transport to open tunnels with; unset: the mesh's setting
+    /// (controller `[mesh] transport`), else TCP.
+    pub transport: Option<Transport>,
     /// Accept QUIC tunnels on UDP `tunnel_port`.
     pub quic_listen: bool,
     /// Where the local apps listen (meshd connects there for inbound).
@@ -166,7 +160,7 @@ impl Default for ProxySection {
         ProxySection {
             outbound_port: 15001,
             tunnel_port: 15008,
-            transport: Transport::Tcp,
+            transport: None,
             quic_listen: true,
             app_address: "127.0.0.1".parse().expect("valid"),
             connect_timeout: Dur::from_secs(1),

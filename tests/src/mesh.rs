@@ -55,6 +55,8 @@ pub struct MeshLab {
     pub meshd: Vec<Option<Proc>>,
     pub apps: Vec<Proc>,
     pub lease_ttl_s: u64,
+    /// Appended to every meshd.toml (e.g. a `[proxy]` transport choice).
+    pub meshd_extra: String,
     app_script: PathBuf,
 }
 
@@ -78,6 +80,7 @@ impl MeshLab {
             meshd: (0..hosts).map(|_| None).collect(),
             apps: Vec::new(),
             lease_ttl_s,
+            meshd_extra: String::new(),
             app_script,
         };
         m.start_controller();
@@ -217,8 +220,9 @@ impl MeshLab {
         std::fs::write(
             &path,
             format!(
-                "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"info,hostmesh_meshd=debug\"\n[health]\ninterval = \"500ms\"\ntimeout = \"400ms\"\n",
-                self.state_dir(host).display().to_string()
+                "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"info,hostmesh_meshd=debug\"\n[health]\ninterval = \"500ms\"\ntimeout = \"400ms\"\n{}\n",
+                self.state_dir(host).display().to_string(),
+                self.meshd_extra
             ),
         )
         .expect("meshd.toml");

@@ -29,11 +29,37 @@ spec: {}
 const CLIENT: usize = 3;
 const PLAIN: usize = 4;
 
+/// Every test runs once per tunnel transport.
+macro_rules! for_each_transport {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn tcp() {
+                    super::$name("tcp")
+                }
+                #[test]
+                fn quic() {
+                    super::$name("quic")
+                }
+            }
+        )*
+    };
+}
+
+for_each_transport!(
+    an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls,
+    new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_dies,
+    a_1gib_transfer_arrives_with_the_same_checksum,
+    after_meshd_stops_its_table_is_gone_and_direct_traffic_flows,
+);
+
 /// host 0: controller; 1, 2: web servers; 3: mesh client; 4: a plain host
-/// with no meshd.
-fn lab(web_hosts: &[usize]) -> MeshLab {
+/// with no meshd. Tunnels use `transport`.
+fn lab(web_hosts: &[usize], transport: &str) -> MeshLab {
     hostmesh_tests::require_root();
     let mut m = MeshLab::start(5, StoreKind::Embedded, 5);
+    m.meshd_extra = format!("[proxy]\ntransport = {transport:?}\n");
     m.apply(MESH);
     for &h in web_hosts {
         m.join(h, "shop/web");
@@ -97,9 +123,8 @@ fn metric(text: &str, name: &str, must_contain: &[&str]) -> u64 {
         .sum()
 }
 
-#[test]
-fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls() {
-    let m = lab(&[1, 2]);
+fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls(transport: &str) {
+    let m = lab(&[1, 2], transport);
     let vip = vip(&m);
     let a1 = m.lab.host(1).addr;
 
@@ -153,7 +178,7 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
                 "-w",
             ])
             .arg(&pcap)
-            .arg("tcp");
+            .args(["tcp", "or", "udp"]);
             c
         },
         m.lab.dir.path(),
@@ -264,6 +289,7 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
         "spiffe://hostmesh.local/ns/shop/sa/web"
     );
     assert_eq!(entry["service"], "web.shop");
+    assert_eq!(entry["transport"], transport);
     assert!(entry["bytes_received"].as_u64().unwrap() > 0);
     // Pooled tunnels: far fewer handshakes than connections.
     let status: serde_json::Value = serde_json::from_str(
@@ -281,9 +307,8 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
     assert!(conns <= 2 * 4, "tunnels are pooled: {status}");
 }
 
-#[test]
-fn new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_dies() {
-    let mut m = lab(&[1, 2]);
+fn new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_dies(transport: &str) {
+    let mut m = lab(&[1, 2], transport);
     // Warm the pool to both.
     let seen: HashSet<String> = (0..20)
         .map(|_| m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap())
@@ -316,9 +341,8 @@ fn new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_die
     }
 }
 
-#[test]
-fn a_1gib_transfer_arrives_with_the_same_checksum() {
-    let mut m = lab(&[1]);
+fn a_1gib_transfer_arrives_with_the_same_checksum(transport: &str) {
+    let mut m = lab(&[1], transport);
     let big = m.lab.dir.path().join("big.bin");
     hostmesh_tests::run_ok(std::process::Command::new("sh").arg("-c").arg(format!(
         "head -c 1073741824 /dev/urandom > {}",
@@ -362,9 +386,8 @@ fn a_1gib_transfer_arrives_with_the_same_checksum() {
     );
 }
 
-#[test]
-fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows() {
-    let mut m = lab(&[1]);
+fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows(transport: &str) {
+    let mut m = lab(&[1], transport);
     let a1 = m.lab.host(1).addr;
     assert!(m.lab.nft_tables(1).contains("inet hostmesh"));
     assert!(
@@ -397,4 +420,60 @@ fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows() {
     // No VIP route is left behind either.
     let routes = m.lab.sh_ok(CLIENT, "ip route show proto 240");
     assert!(routes.trim().is_empty(), "{routes}");
+}
+
+#[test]
+fn quic_falls_back_to_tcp_when_udp_is_blocked() {
+    let m = lab(&[1], "quic");
+    // Over QUIC while UDP flows.
+    assert_eq!(
+        m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap(),
+        "web-1"
+    );
+    let transports = |m: &MeshLab| -> Vec<String> {
+        m.meshd_log(CLIENT)
+            .lines()
+            .filter(|l| l.contains("\"direction\":\"outbound\"") && l.contains("\"result\":\"ok\""))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["transport"].as_str().map(str::to_string))
+            .collect()
+    };
+    m.eventually(
+        "the first connection logged",
+        Duration::from_secs(5),
+        || {
+            if transports(&m).last().map(String::as_str) == Some("quic") {
+                Ok(())
+            } else {
+                Err(format!("{:?}", transports(&m)))
+            }
+        },
+    );
+    // A firewall on the path drops UDP between the hosts (both ways, on the
+    // client, in a table of the test's own).
+    let server = m.lab.host(1).addr;
+    m.lab.sh_ok(
+        CLIENT,
+        &format!(
+            "nft add table inet testblock && nft add chain inet testblock out '{{ type filter hook output priority 0; }}' && nft add rule inet testblock out ip daddr {server} udp dport 15008 drop && nft add chain inet testblock inp '{{ type filter hook input priority 0; }}' && nft add rule inet testblock inp ip saddr {server} udp sport 15008 drop"
+        ),
+    );
+    // The QUIC connection dies (idle timeout) or new streams go unanswered;
+    // new connections fall back to TCP and succeed.
+    m.eventually(
+        "a connection over TCP while UDP is blocked",
+        Duration::from_secs(40),
+        || {
+            m.curl(CLIENT, "http://web.shop.mesh/", 5)?;
+            if transports(&m).last().map(String::as_str) == Some("tcp") {
+                Ok(())
+            } else {
+                Err(format!("{:?}", transports(&m)))
+            }
+        },
+    );
+    for _ in 0..5 {
+        assert_eq!(m.curl(CLIENT, "http://web.shop.mesh/", 5).unwrap(), "web-1");
+    }
+    m.lab.sh_ok(CLIENT, "nft delete table inet testblock");
 }

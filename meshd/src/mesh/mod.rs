@@ -40,6 +40,8 @@ pub struct SelfInfo {
     pub trust_domain: String,
     pub vip_ranges: Vec<IpNet>,
     pub health_checks: Vec<HealthCheck>,
+    /// The mesh's tunnel transport, when it sets one.
+    pub transport: Option<crate::tunnel::Transport>,
 }
 
 /// How to check one local port.
@@ -403,6 +405,13 @@ fn self_info(s: &SelfConfig, limits: &HostLimits) -> Result<SelfInfo, String> {
         trust_domain: s.trust_domain.clone(),
         vip_ranges,
         health_checks,
+        transport: match s.transport.as_str() {
+            "" => None,
+            t => Some(
+                crate::tunnel::Transport::parse(t)
+                    .ok_or_else(|| format!("self.transport {t:?} is not tcp, quic or auto"))?,
+            ),
+        },
     })
 }
 
@@ -581,6 +590,7 @@ pub(crate) mod tests {
                 trust_domain: "hostmesh.local".into(),
                 vip_ranges: vec!["240.240.0.0/16".into()],
                 health_checks: vec![],
+                transport: String::new(),
             }),
         )
     }

@@ -14,10 +14,10 @@ use hostmesh_api::resource::Policy;
 use tokio::net::TcpStream;
 
 use super::policy::{Decision, decide};
-use super::{ConnLabels, DirectionLabels, ProxyMetrics, access_log};
+use super::{AccessEntry, ConnLabels, DirectionLabels, ProxyMetrics};
 use crate::drain::Drain;
 use crate::mesh::MeshHandle;
-use crate::tunnel::server::{InboundRequest, status};
+use crate::tunnel::server::InboundRequest;
 use crate::tunnel::splice::{Counters, splice};
 
 pub struct Inbound {
@@ -66,36 +66,34 @@ impl Inbound {
             peer_addr,
             authority,
             service: claimed,
-            recv,
-            mut respond,
+            stream,
         } = req;
+        let transport = stream.transport();
         let peer = peer_identity.to_string();
         let log_refusal = |code: &str, svc: &str, detail: &str| {
-            access_log(
-                self.access_log,
-                "inbound",
-                peer_addr,
-                &authority,
-                svc,
-                "",
-                &peer,
-                "",
-                0,
-                0,
-                started.elapsed(),
-                code,
-                Some(detail),
-            );
+            AccessEntry {
+                direction: "inbound",
+                src: Some(peer_addr),
+                dst: &authority,
+                service: svc,
+                src_identity: &peer,
+                transport,
+                duration: started.elapsed(),
+                result: code,
+                error: Some(detail),
+                ..AccessEntry::default()
+            }
+            .log(self.access_log);
         };
         let Ok(target) = authority.parse::<SocketAddr>() else {
-            let _ = respond.send_response(status(400), true);
+            stream.refuse(400).await;
             self.metrics.fail("inbound", "", "bad_target");
             log_refusal("bad_target", "", "CONNECT target is not ip:port");
             return;
         };
         let state = self.mesh.load();
         let Some(served) = state.served.get(&target.port()) else {
-            let _ = respond.send_response(status(404), true);
+            stream.refuse(404).await;
             self.metrics.fail("inbound", "", "not_served");
             log_refusal("not_served", &claimed, "no mesh service on this port here");
             return;
@@ -122,7 +120,7 @@ impl Inbound {
             .map(|p| p.as_ref())
             .collect();
         if let Decision::Deny(why) = decide(policies, &peer_identity, service_port) {
-            let _ = respond.send_response(status(403), true);
+            stream.refuse(403).await;
             self.metrics.fail("inbound", &svc_name, "denied");
             tracing::info!(peer = %peer, service = %svc_name, reason = %why, "inbound connection denied");
             log_refusal("denied", &svc_name, &why);
@@ -131,17 +129,17 @@ impl Inbound {
         let app = match self.connect_app(target.port()).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = respond.send_response(status(503), true);
+                stream.refuse(503).await;
                 self.metrics.fail("inbound", &svc_name, "app_connect");
                 log_refusal("app_unavailable", &svc_name, &e);
                 return;
             }
         };
-        let send = match respond.send_response(status(200), false) {
-            Ok(s) => s,
+        let halves = match stream.accept().await {
+            Ok(h) => h,
             Err(e) => {
                 self.metrics.fail("inbound", &svc_name, "stream_gone");
-                log_refusal("stream_gone", &svc_name, &e.to_string());
+                log_refusal("stream_gone", &svc_name, &e);
                 return;
             }
         };
@@ -156,7 +154,7 @@ impl Inbound {
         });
         active.inc();
         let counters = Arc::new(Counters::default());
-        let (end, error) = splice(app, send, recv, counters.clone()).await;
+        let (end, error) = splice(app, halves, counters.clone()).await;
         active.dec();
         // From the app's side: "sent" is what went back to the caller.
         let sent = counters.sent.load(Ordering::Relaxed);
@@ -178,20 +176,22 @@ impl Inbound {
             .as_ref()
             .map(|m| m.spiffe_id.to_string())
             .unwrap_or_default();
-        access_log(
-            self.access_log,
-            "inbound",
-            peer_addr,
-            &authority,
-            &svc_name,
-            &target.to_string(),
-            &peer,
-            &me,
+        AccessEntry {
+            direction: "inbound",
+            src: Some(peer_addr),
+            dst: &authority,
+            service: &svc_name,
+            endpoint: &target.to_string(),
+            src_identity: &peer,
+            dst_identity: &me,
+            transport,
             sent,
             received,
-            started.elapsed(),
-            end.as_str(),
-            error.as_deref(),
-        );
+            duration: started.elapsed(),
+            result: end.as_str(),
+            error: error.as_deref(),
+            ..AccessEntry::default()
+        }
+        .log(self.access_log);
     }
 }

@@ -123,40 +123,46 @@ impl ProxyMetrics {
     }
 }
 
-/// One line per proxied connection, as JSON with the json log format.
-#[allow(clippy::too_many_arguments)]
-pub fn access_log(
-    enabled: bool,
-    direction: &str,
-    src: SocketAddr,
-    dst: &str,
-    service: &str,
-    endpoint: &str,
-    src_identity: &str,
-    dst_identity: &str,
-    sent: u64,
-    received: u64,
-    duration: Duration,
-    result: &str,
-    error: Option<&str>,
-) {
-    if !enabled {
-        return;
+/// One line per proxied connection (JSON with the json log format).
+#[derive(Debug, Default)]
+pub struct AccessEntry<'a> {
+    pub direction: &'a str,
+    pub src: Option<SocketAddr>,
+    pub dst: &'a str,
+    pub service: &'a str,
+    pub endpoint: &'a str,
+    pub src_identity: &'a str,
+    pub dst_identity: &'a str,
+    /// tcp or quic
+    pub transport: &'a str,
+    pub sent: u64,
+    pub received: u64,
+    pub duration: Duration,
+    pub result: &'a str,
+    pub error: Option<&'a str>,
+}
+
+impl AccessEntry<'_> {
+    pub fn log(&self, enabled: bool) {
+        if !enabled {
+            return;
+        }
+        tracing::info!(
+            target: "hostmesh::access",
+            direction = self.direction,
+            src = %self.src.map(|s| s.to_string()).unwrap_or_default(),
+            dst = self.dst,
+            service = self.service,
+            endpoint = self.endpoint,
+            src_identity = self.src_identity,
+            dst_identity = self.dst_identity,
+            transport = self.transport,
+            bytes_sent = self.sent,
+            bytes_received = self.received,
+            duration_ms = self.duration.as_millis() as u64,
+            result = self.result,
+            error = self.error.unwrap_or(""),
+            "connection"
+        );
     }
-    tracing::info!(
-        target: "hostmesh::access",
-        direction,
-        src = %src,
-        dst,
-        service,
-        endpoint,
-        src_identity,
-        dst_identity,
-        bytes_sent = sent,
-        bytes_received = received,
-        duration_ms = duration.as_millis() as u64,
-        result,
-        error = error.unwrap_or(""),
-        "connection"
-    );
 }

@@ -13,18 +13,19 @@ use hostmesh_api::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::lb::Balancer;
-use super::{ConnLabels, DirectionLabels, ProxyMetrics, access_log};
+use super::{AccessEntry, ConnLabels, DirectionLabels, ProxyMetrics};
 use crate::drain::Drain;
 use crate::mesh::MeshHandle;
-use crate::tunnel::hbone::Pool;
 use crate::tunnel::splice::{Counters, splice};
-use crate::tunnel::{PeerKey, TunnelError};
+use crate::tunnel::{PeerKey, Transport, TunnelError, Tunnels};
 
 const ATTEMPTS: usize = 3;
 
 pub struct Outbound {
     pub mesh: Arc<MeshHandle>,
-    pub pool: Arc<Pool>,
+    pub tunnels: Arc<Tunnels>,
+    /// This host's transport choice (meshd.toml), over the mesh's.
+    pub transport: Option<Transport>,
     pub balancer: Arc<Balancer>,
     pub metrics: ProxyMetrics,
     pub me: SpiffeId,
@@ -94,21 +95,15 @@ impl Outbound {
         let Some(destination) = state.lookup(dst) else {
             self.metrics.fail("outbound", "", "no_service");
             tracing::info!(%src, %dst, "no mesh service at this destination; closing");
-            access_log(
-                self.access_log,
-                "outbound",
-                src,
-                &dst.to_string(),
-                "",
-                "",
-                "",
-                "",
-                0,
-                0,
-                started.elapsed(),
-                "no_service",
-                None,
-            );
+            AccessEntry {
+                direction: "outbound",
+                src: Some(src),
+                dst: &dst.to_string(),
+                duration: started.elapsed(),
+                result: "no_service",
+                ..AccessEntry::default()
+            }
+            .log(self.access_log);
             return;
         };
         let service = destination.service.clone();
@@ -118,6 +113,10 @@ impl Outbound {
             return;
         };
         let target = port_state.target;
+        let mode = self
+            .transport
+            .or_else(|| state.me.as_ref().and_then(|m| m.transport))
+            .unwrap_or(Transport::Tcp);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<TunnelError> = None;
         let mut opened = None;
@@ -144,8 +143,14 @@ impl Outbound {
             };
             let authority = SocketAddr::new(endpoint.address, target).to_string();
             match self
-                .pool
-                .open(&key, &authority, &format!("{svc_name}:{port}"))
+                .tunnels
+                .open(
+                    &key,
+                    endpoint.quic,
+                    mode,
+                    &authority,
+                    &format!("{svc_name}:{port}"),
+                )
                 .await
             {
                 Ok(stream) => {
@@ -177,21 +182,18 @@ impl Outbound {
                 self.metrics.fail("outbound", &svc_name, "no_endpoint");
             }
             let err = last_error.map(|e| e.to_string());
-            access_log(
-                self.access_log,
-                "outbound",
-                src,
-                &dst.to_string(),
-                &svc_name,
-                "",
-                &self.me.to_string(),
-                "",
-                0,
-                0,
-                started.elapsed(),
-                reason,
-                err.as_deref(),
-            );
+            AccessEntry {
+                direction: "outbound",
+                src: Some(src),
+                dst: &dst.to_string(),
+                service: &svc_name,
+                src_identity: &self.me.to_string(),
+                duration: started.elapsed(),
+                result: reason,
+                error: err.as_deref(),
+                ..AccessEntry::default()
+            }
+            .log(self.access_log);
             return;
         };
         let labels = ConnLabels {
@@ -205,7 +207,10 @@ impl Outbound {
         });
         active.inc();
         let counters = Arc::new(Counters::default());
-        let (end, error) = splice(socket, stream.send, stream.recv, counters.clone()).await;
+        let transport = stream.transport();
+        let (halves, guard) = stream.into_halves();
+        let (end, error) = splice(socket, halves, counters.clone()).await;
+        drop(guard);
         active.dec();
         let sent = counters.sent.load(Ordering::Relaxed);
         let received = counters.received.load(Ordering::Relaxed);
@@ -221,20 +226,22 @@ impl Outbound {
                 direction: "outbound",
             })
             .observe(started.elapsed().as_secs_f64());
-        access_log(
-            self.access_log,
-            "outbound",
-            src,
-            &dst.to_string(),
-            &svc_name,
-            &format!("{}:{target}", endpoint.address),
-            &self.me.to_string(),
-            &endpoint.identity.to_string(),
+        AccessEntry {
+            direction: "outbound",
+            src: Some(src),
+            dst: &dst.to_string(),
+            service: &svc_name,
+            endpoint: &format!("{}:{target}", endpoint.address),
+            src_identity: &self.me.to_string(),
+            dst_identity: &endpoint.identity.to_string(),
+            transport,
             sent,
             received,
-            started.elapsed(),
-            end.as_str(),
-            error.as_deref(),
-        );
+            duration: started.elapsed(),
+            result: end.as_str(),
+            error: error.as_deref(),
+            ..AccessEntry::default()
+        }
+        .log(self.access_log);
     }
 }

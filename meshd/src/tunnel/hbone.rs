@@ -47,7 +47,7 @@ impl Default for PoolSettings {
     }
 }
 
-struct Conn {
+pub struct Conn {
     send: SendRequest<Bytes>,
     active: AtomicUsize,
     dead: Arc<AtomicBool>,
@@ -63,10 +63,11 @@ struct Peer {
 pub struct TunnelStream {
     pub send: h2::SendStream<Bytes>,
     pub recv: h2::RecvStream,
-    _active: ActiveGuard,
+    /// Keeps the stream counted against its connection.
+    pub guard: ActiveGuard,
 }
 
-struct ActiveGuard(Arc<Conn>);
+pub struct ActiveGuard(Arc<Conn>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -251,11 +252,7 @@ impl Pool {
             let guard = ActiveGuard(conn.clone());
             match self.stream(&conn, key, authority, service).await {
                 Ok((send, recv)) => {
-                    return Ok(TunnelStream {
-                        send,
-                        recv,
-                        _active: guard,
-                    });
+                    return Ok(TunnelStream { send, recv, guard });
                 }
                 Err(StreamFailure::Connection(e)) => {
                     // The connection is broken; forget it and try a new one.

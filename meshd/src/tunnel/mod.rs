@@ -8,8 +8,12 @@
 //!   costs no TLS handshake.
 //! - [`server`]: accepts tunnels and hands each CONNECT to the inbound
 //!   proxy with the caller's verified identity.
+//! - [`quic`]: the same over QUIC on UDP 15008, one connection per peer.
 //! - [`splice`]: moves bytes between a TCP socket and a tunnel stream, with
 //!   half-close.
+//! - [`Tunnels`]: picks the transport per connection (the mesh's or this
+//!   host's choice, and whether the peer offers QUIC) and falls back to TCP
+//!   when QUIC gets no answer (UDP blocked on the path).
 //!
 //! The client checks that the peer is exactly the identity the endpoint is
 //! expected to have (a host cannot answer for another group's service); the
@@ -18,6 +22,7 @@
 //! tunnels: configs are rebuilt and used by new handshakes.
 
 pub mod hbone;
+pub mod quic;
 pub mod server;
 pub mod splice;
 
@@ -179,4 +184,87 @@ fn build_server(identity: &Identity) -> Result<ServerConfig, TunnelError> {
     ));
     tls::server_config(identity.cert(), verifier, &[ALPN_HBONE])
         .map_err(|e| TunnelError::Config(e.to_string()))
+}
+
+/// Which transport a host opens tunnels with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Tcp,
+    Quic,
+    /// QUIC where the peer offers it, else TCP.
+    Auto,
+}
+
+impl Transport {
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "tcp" => Some(Transport::Tcp),
+            "quic" => Some(Transport::Quic),
+            "auto" => Some(Transport::Auto),
+            _ => None,
+        }
+    }
+}
+
+/// An open tunnel stream on either transport.
+pub enum Stream {
+    H2(hbone::TunnelStream),
+    Quic(quic::QuicStream),
+}
+
+impl Stream {
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Stream::H2(_) => "tcp",
+            Stream::Quic(_) => "quic",
+        }
+    }
+
+    pub fn into_halves(self) -> (splice::Halves, Option<Box<dyn std::any::Any + Send>>) {
+        match self {
+            Stream::H2(s) => {
+                let hbone::TunnelStream { send, recv, guard } = s;
+                (splice::Halves::H2(send, recv), Some(Box::new(guard)))
+            }
+            Stream::Quic(s) => {
+                let quic::QuicStream { send, recv, guard } = s;
+                (splice::Halves::Quic(send, recv), Some(Box::new(guard)))
+            }
+        }
+    }
+}
+
+/// Both tunnel clients.
+pub struct Tunnels {
+    pub h2: Arc<hbone::Pool>,
+    pub quic: Option<Arc<quic::QuicPool>>,
+}
+
+impl Tunnels {
+    /// Opens a stream to `authority` through the tunnel to `key`, over QUIC
+    /// when `mode` asks for it and the peer offers it (falling back to TCP
+    /// when QUIC gets no answer), else over TCP.
+    pub async fn open(
+        &self,
+        key: &PeerKey,
+        peer_offers_quic: bool,
+        mode: Transport,
+        authority: &str,
+        service: &str,
+    ) -> Result<Stream, TunnelError> {
+        if let Some(q) = &self.quic {
+            let want_quic = mode != Transport::Tcp && peer_offers_quic;
+            if want_quic && !q.is_broken(key.addr) {
+                match q.open(key, authority, service).await {
+                    Ok(s) => return Ok(Stream::Quic(s)),
+                    Err(e) if q.is_broken(key.addr) => {
+                        tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for it");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.h2.open(key, authority, service).await.map(Stream::H2)
+    }
 }

@@ -24,8 +24,57 @@ pub struct InboundRequest {
     pub authority: String,
     /// What the caller says it was connecting to (informational).
     pub service: String,
-    pub recv: h2::RecvStream,
-    pub respond: h2::server::SendResponse<Bytes>,
+    pub stream: InboundStream,
+}
+
+/// The stream a request came on, before it is answered.
+pub enum InboundStream {
+    H2 {
+        recv: h2::RecvStream,
+        respond: h2::server::SendResponse<Bytes>,
+    },
+    Quic {
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+impl InboundStream {
+    pub fn transport(&self) -> &'static str {
+        match self {
+            InboundStream::H2 { .. } => "tcp",
+            InboundStream::Quic { .. } => "quic",
+        }
+    }
+
+    /// Answers with an error status and ends the stream.
+    pub async fn refuse(self, code: u16) {
+        match self {
+            InboundStream::H2 { mut respond, .. } => {
+                let _ = respond.send_response(status(code), true);
+            }
+            InboundStream::Quic { mut send, .. } => {
+                let _ = super::quic::write_status(&mut send, code).await;
+                let _ = send.finish();
+            }
+        }
+    }
+
+    /// Answers 200 and returns the stream for splicing.
+    pub async fn accept(self) -> Result<super::splice::Halves, String> {
+        match self {
+            InboundStream::H2 { recv, mut respond } => {
+                let send = respond
+                    .send_response(status(200), false)
+                    .map_err(|e| e.to_string())?;
+                Ok(super::splice::Halves::H2(send, recv))
+            }
+            InboundStream::Quic { mut send, recv } => {
+                super::quic::write_status(&mut send, 200).await?;
+                Ok(super::splice::Halves::Quic(send, recv))
+            }
+        }
+    }
 }
 
 pub type Handler = Arc<dyn Fn(InboundRequest) -> BoxFuture<'static, ()> + Send + Sync>;
@@ -176,8 +225,10 @@ async fn serve_connection<T>(
             peer_addr: remote,
             authority,
             service,
-            recv: request.into_body(),
-            respond,
+            stream: InboundStream::H2 {
+                recv: request.into_body(),
+                respond,
+            },
         };
         // Never handled inline: accept() drives the whole connection.
         tokio::spawn((handler)(req));
@@ -189,4 +240,92 @@ pub fn status(code: u16) -> http::Response<()> {
     *r.status_mut() =
         http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     r
+}
+
+/// The QUIC tunnel server: accepts connections on `endpoint`, reads each
+/// stream's CONNECT header, and hands it to `handler` like the TCP server.
+pub async fn serve_quic(
+    endpoint: quinn::Endpoint,
+    handler: Handler,
+    mut drain: Drain,
+    handshake_failures: Counter,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            _ = drain.signaled() => {
+                // Refuse new connections; open ones finish their streams.
+                endpoint.set_server_config(None);
+                return;
+            }
+        };
+        let handler = handler.clone();
+        let failures = handshake_failures.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    failures.inc();
+                    tracing::info!(peer = %remote, error = %e, "QUIC tunnel handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    failures.inc();
+                    return;
+                }
+            };
+            let identity = conn
+                .peer_identity()
+                .and_then(|any| {
+                    any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                        .ok()
+                })
+                .and_then(|certs| certs.first().and_then(hostmesh_api::tls::spiffe_id_of));
+            let Some(identity) = identity else {
+                failures.inc();
+                conn.close(quinn::VarInt::from_u32(2), b"no identity");
+                return;
+            };
+            loop {
+                let (send, mut recv) = match conn.accept_bi().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+                if drain.is_draining() {
+                    return;
+                }
+                let handler = handler.clone();
+                let identity = identity.clone();
+                tokio::spawn(async move {
+                    let header = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        super::quic::read_request(&mut recv),
+                    )
+                    .await;
+                    let (authority, service) = match header {
+                        Ok(Ok(h)) => h,
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %remote, error = %e, "bad QUIC tunnel header");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let req = InboundRequest {
+                        peer_identity: identity,
+                        peer_addr: remote,
+                        authority,
+                        service,
+                        stream: InboundStream::Quic { send, recv },
+                    };
+                    (handler)(req).await;
+                });
+            }
+        });
+    }
 }

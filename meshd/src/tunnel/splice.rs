@@ -100,10 +100,111 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
     write.shutdown().await.map_err(Side::Local)
 }
 
+/// The two directions of a tunnel stream, on either transport.
+pub enum Halves {
+    H2(h2::SendStream<Bytes>, h2::RecvStream),
+    Quic(quinn::SendStream, quinn::RecvStream),
+}
+
 /// Splices `socket` with the tunnel stream until both directions end or
 /// one fails (then the other is torn down: the stream is reset, the socket
 /// closed).
 pub async fn splice(
+    socket: tokio::net::TcpStream,
+    halves: Halves,
+    counters: Arc<Counters>,
+) -> (SpliceEnd, Option<String>) {
+    match halves {
+        Halves::H2(tx, rx) => splice_h2(socket, tx, rx, counters).await,
+        Halves::Quic(tx, rx) => splice_quic(socket, tx, rx, counters).await,
+    }
+}
+
+async fn socket_to_quic<R: AsyncRead + Unpin>(
+    mut read: R,
+    tx: &mut quinn::SendStream,
+    counters: &Counters,
+) -> Result<(), Side> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if buf.capacity() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let n = read.read_buf(&mut buf).await.map_err(Side::Local)?;
+        if n == 0 {
+            return tx.finish().map_err(|e| Side::Peer(e.to_string()));
+        }
+        counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+        // write_chunk hands the bytes to quinn without another copy.
+        tx.write_chunk(buf.split().freeze())
+            .await
+            .map_err(|e| Side::Peer(e.to_string()))?;
+    }
+}
+
+async fn quic_to_socket<W: AsyncWrite + Unpin>(
+    mut rx: quinn::RecvStream,
+    mut write: W,
+    counters: &Counters,
+) -> Result<(), Side> {
+    loop {
+        match rx.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                let n = chunk.bytes.len();
+                write.write_all(&chunk.bytes).await.map_err(Side::Local)?;
+                counters.received.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(None) => return write.shutdown().await.map_err(Side::Local),
+            Err(e) => return Err(Side::Peer(e.to_string())),
+        }
+    }
+}
+
+async fn splice_quic(
+    socket: tokio::net::TcpStream,
+    mut tx: quinn::SendStream,
+    rx: quinn::RecvStream,
+    counters: Arc<Counters>,
+) -> (SpliceEnd, Option<String>) {
+    let (read, write) = socket.into_split();
+    let failure: Option<Side> = {
+        let up = socket_to_quic(read, &mut tx, &counters);
+        let down = quic_to_socket(rx, write, &counters);
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
+        let mut failure = None;
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    if let Err(e) = r { failure = Some(e); break; }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    if let Err(e) = r { failure = Some(e); break; }
+                }
+            }
+        }
+        failure
+    };
+    match failure {
+        None => {
+            // Let quinn deliver what is buffered before the stream goes.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), tx.stopped()).await;
+            (SpliceEnd::Done, None)
+        }
+        Some(side) => {
+            let _ = tx.reset(quinn::VarInt::from_u32(1));
+            match side {
+                Side::Local(e) => (SpliceEnd::LocalError, Some(e.to_string())),
+                Side::Peer(e) => (SpliceEnd::PeerError, Some(e)),
+            }
+        }
+    }
+}
+
+async fn splice_h2(
     socket: tokio::net::TcpStream,
     mut tx: h2::SendStream<Bytes>,
     rx: h2::RecvStream,
