@@ -190,7 +190,6 @@ impl Inbound {
             duration: started.elapsed(),
             result: end.as_str(),
             error: error.as_deref(),
-            ..AccessEntry::default()
         }
         .log(self.access_log);
     }

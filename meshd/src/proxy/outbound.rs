@@ -240,7 +240,6 @@ impl Outbound {
             duration: started.elapsed(),
             result: end.as_str(),
             error: error.as_deref(),
-            ..AccessEntry::default()
         }
         .log(self.access_log);
     }
