@@ -17,6 +17,27 @@ want python3 python3
 want tcpdump tcpdump
 want dpkg-buildpackage dpkg-dev
 want getent libc-bin
+# `scripts/deps.sh bench`: the load generators and peers the data-plane
+# benchmark compares against.
+if [ "${1:-}" = bench ]; then
+    want wrk wrk
+    want iperf3 iperf3
+    want nginx nginx-light
+    want haproxy haproxy
+fi
+# The package test (tests/tests/packages.rs) and `make packages`.
+want debootstrap debootstrap
+want systemd-nspawn systemd-container
+want nsenter util-linux
+want rpmbuild rpm
+want lintian lintian
+want strip binutils
+# ...and a venv for Ansible (with Debian's python3, as the test uses it).
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+if ! "$py" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    need_pkgs="$need_pkgs python3-venv"
+fi
 
 if [ -n "$need_pkgs" ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -626,4 +626,5 @@ pub mod grpc {
         }
     }
 }
+pub mod container;
 pub mod mesh;
