@@ -645,7 +645,14 @@ pub async fn status(shared: &Shared) -> Result<(Vec<HostState>, Revision), Store
                 .unwrap_or(w.spec.hostname.clone()),
             state: state_text.to_string(),
             acked_version: a.map(|a| a.acked_version).unwrap_or(0),
-            latest_version: u64::try_from(latest).unwrap_or(0),
+            // In sync: what the host holds is the latest. Otherwise the
+            // version it would get now (the revision the state is at, or
+            // when its group's content last changed, whichever is later).
+            latest_version: if in_sync {
+                a.map(|a| a.acked_version).unwrap_or(0)
+            } else {
+                u64::try_from(latest.max(state.revision)).unwrap_or(0)
+            },
             in_sync,
             rejected_version: a.map(|a| a.rejected_version).unwrap_or(0),
             reject_reason: a.map(|a| a.reject_reason.clone()).unwrap_or_default(),

@@ -152,12 +152,12 @@ fn wait_active(c: &Container, unit: &str) {
 }
 
 /// The first line of `meshctl token create` output that is a `meshd join`
-/// command with the token on it.
+/// command with the token (in its environment, kept off the command line).
 fn printed_join_line(printed: &str) -> String {
     printed
         .lines()
         .map(str::trim)
-        .find(|l| l.starts_with("meshd join ") && l.contains(" --token "))
+        .find(|l| l.starts_with("HOSTMESH_JOIN_TOKEN=") && l.contains(" meshd join "))
         .unwrap_or_else(|| panic!("no `meshd join` line in:\n{printed}"))
         .to_string()
 }

@@ -72,10 +72,13 @@ fn load(args: &ServeArgs) -> Result<ControllerConfig, String> {
 }
 
 fn init_logging(config: &ControllerConfig) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // Colour only on a terminal: the journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();
@@ -124,6 +127,27 @@ fn main() -> ExitCode {
         };
         controller.wait_ready().await;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        if let Some(interval) = sd_notify::watchdog_enabled() {
+            // Pings only while the runtime serves: a ping task that runs
+            // proves the scheduler is alive, and the metrics port answering
+            // proves the listeners are.
+            let metrics = controller.metrics_addr;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval / 2).await;
+                    let alive =
+                        tokio::time::timeout(interval / 4, tokio::net::TcpStream::connect(metrics))
+                            .await;
+                    if matches!(alive, Ok(Ok(_))) {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    } else {
+                        tracing::error!(
+                            "the metrics port does not answer; not pinging the watchdog"
+                        );
+                    }
+                }
+            });
+        }
         tracing::info!("ready");
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

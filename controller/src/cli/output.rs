@@ -178,10 +178,12 @@ fn shell_quote(s: &str) -> String {
 
 pub fn token_created(resp: &CreateTokenResponse, controller: &str, format: Format) -> String {
     let info = resp.info.clone().unwrap_or_default();
+    // The token goes in the environment, not on the command line where
+    // `ps` would show it to every user of the host.
     let join = format!(
-        "meshd join --controller {} --token {} --ca-hash {}",
-        shell_quote(controller),
+        "HOSTMESH_JOIN_TOKEN={} meshd join --controller {} --ca-hash {}",
         shell_quote(&resp.token),
+        shell_quote(controller),
         resp.ca_hash
     );
     let join_file = format!(
