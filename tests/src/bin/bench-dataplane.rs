@@ -41,6 +41,8 @@ const CLIENT_QUIC: usize = 3;
 
 struct Options {
     seconds: u64,
+    /// meshd's data-plane worker threads (0: one per core).
+    workers: usize,
     oha: PathBuf,
     out_dir: PathBuf,
     update_docs: Option<PathBuf>,
@@ -48,7 +50,7 @@ struct Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--workers N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -82,6 +84,7 @@ fn main() {
     }
     let mut o = Options {
         seconds: 5,
+        workers: 0,
         oha: PathBuf::from("target/tools/bin/oha"),
         out_dir: PathBuf::from("target/bench"),
         update_docs: None,
@@ -459,9 +462,9 @@ fn run(o: &Options) {
     m.join(SERVER, "bench/server");
     m.join(CLIENT, "bench/client");
     m.join(CLIENT_QUIC, "bench/client");
-    start_quiet_meshd(&mut m, SERVER, "tcp");
-    start_quiet_meshd(&mut m, CLIENT, "tcp");
-    start_quiet_meshd(&mut m, CLIENT_QUIC, "quic");
+    start_quiet_meshd(&mut m, SERVER, "tcp", o.workers);
+    start_quiet_meshd(&mut m, CLIENT, "tcp", o.workers);
+    start_quiet_meshd(&mut m, CLIENT_QUIC, "quic", o.workers);
     for h in [CLIENT, CLIENT_QUIC] {
         m.eventually("healthy endpoints", Duration::from_secs(30), || {
             let config = m.config(h);
@@ -654,6 +657,7 @@ fn run(o: &Options) {
     ));
     let report = json!({
         "seconds_per_measurement": secs,
+        "meshd_worker_threads": o.workers,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": String::from_utf8_lossy(&output(Command::new("uname").arg("-r")).stdout).trim(),
         "results": results,
@@ -678,14 +682,14 @@ fn run(o: &Options) {
     }
 }
 
-fn start_quiet_meshd(m: &mut MeshLab, host: usize, transport: &str) {
+fn start_quiet_meshd(m: &mut MeshLab, host: usize, transport: &str, workers: usize) {
     // Release meshd with warn-level logs and no access log: the benchmark
     // measures the proxy, not the log writer.
     let config = m.lab.dir.path().join(format!("bench-meshd{host}.toml"));
     write(
         &config,
         &format!(
-            "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"warn\"\naccess_log = false\n[proxy]\ntransport = {transport:?}\n",
+            "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"warn\"\naccess_log = false\n[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n",
             m.state_dir(host).display().to_string()
         ),
     );
