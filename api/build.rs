@@ -8,6 +8,11 @@ fn main() {
         // Maps as BTreeMap: encoding is deterministic, so content hashes of
         // config entries are stable.
         .btree_map(".")
+        // `bytes` fields as `Bytes`: config entry bodies are sliced out of
+        // the received buffer, not copied into vectors.
+        .bytes(".")
+        // Small starting buffers per stream (see src/codec.rs).
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_protos(&["proto/hostmesh/v1/hostmesh.proto"], &["proto"]);
     if let Err(e) = result {
         eprintln!(

@@ -16,8 +16,10 @@
 //! Nothing here touches storage; only [`connect`] opens sockets.
 
 pub mod clock;
+pub mod codec;
 pub mod document;
 pub mod duration;
+pub mod entry;
 pub mod resource;
 pub mod spiffe;
 

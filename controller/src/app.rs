@@ -391,12 +391,18 @@ async fn follow_ca(
 ) {
     let mut state = shared.state.clone();
     let mut seen = state.borrow().ca_revision;
+    // The roots the serving certificate and the pushed bundle reflect. A
+    // rotation made through this replica already updated the CA's view (so
+    // `reload` finds nothing new); comparing with what was acted on catches
+    // both cases.
+    let mut acted_on = shared.ca.roots();
     let mut shutdown = shared.shutdown.clone();
     let renew_every = shared.config.ca.workload_cert_ttl.get() / 2;
     let mut renew = tokio::time::interval(renew_every);
     renew.tick().await;
     loop {
         let mut reissue = false;
+        let mut roots_changed = false;
         tokio::select! {
             changed = state.changed() => {
                 if changed.is_err() {
@@ -407,14 +413,14 @@ async fn follow_ca(
                     continue;
                 }
                 seen = rev;
-                match shared.ca.reload(&*shared.store, &shared.keys).await {
-                    Ok(true) => {
-                        reissue = true;
-                        generation.send_modify(|g| *g += 1);
-                        tracing::info!("CA roots changed; pushing the new trust bundle");
-                    }
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "reloading the CA failed"),
+                if let Err(e) = shared.ca.reload(&*shared.store, &shared.keys).await {
+                    tracing::error!(error = %e, "reloading the CA failed");
+                }
+                let roots = shared.ca.roots();
+                if roots != acted_on {
+                    acted_on = roots;
+                    reissue = true;
+                    roots_changed = true;
                 }
             }
             _ = renew.tick() => reissue = true,
@@ -434,6 +440,13 @@ async fn follow_ca(
             if let Err(e) = refresh_admin_credential(&shared, grpc_addr) {
                 tracing::error!(error = %e, "refreshing admin.conf failed");
             }
+        }
+        // After the serving certificate: whoever waits on the generation
+        // (sessions, a rotation call) sees a controller that already
+        // presents the new chain.
+        if roots_changed {
+            generation.send_modify(|g| *g += 1);
+            tracing::info!("CA roots changed; pushing the new trust bundle");
         }
     }
 }

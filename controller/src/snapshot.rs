@@ -16,9 +16,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use hostmesh_api::entry::make_entry;
 use hostmesh_api::proto::{
-    ConfigEntry, EndpointConfig, HealthCheckConfig, SelfConfig, ServiceConfig, ServicePortConfig,
-    TrustBundle as TrustBundleMsg, config_entry::Body,
+    ConfigEntry, EndpointConfig, EntryKind, HealthCheckConfig, SelfConfig, ServiceConfig,
+    ServicePortConfig, TrustBundle as TrustBundleMsg,
 };
 use hostmesh_api::resource::{HealthCheckType, Resource};
 use hostmesh_api::tls::TrustBundle;
@@ -29,22 +30,10 @@ use crate::state::ClusterState;
 pub const BUNDLE_ENTRY: &str = "bundle";
 pub const SELF_ENTRY: &str = "self";
 
-/// Hex of the first 8 bytes of SHA-256: stable across processes and
-/// versions (the controller and meshd both compute it).
+/// Hex of the first 8 bytes of SHA-256 (the same everywhere).
 pub fn content_hash(bytes: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     hex::encode(&d.as_ref()[..8])
-}
-
-/// An entry with its hash filled in.
-pub fn entry(name: String, body: Body) -> ConfigEntry {
-    let mut e = ConfigEntry {
-        name,
-        hash: String::new(),
-        body: Some(body),
-    };
-    e.hash = content_hash(&e.encode_to_vec());
-    e
 }
 
 /// The digest of a whole snapshot: of its sorted names and hashes.
@@ -167,14 +156,20 @@ pub fn compute_group(
             endpoints,
         };
         let name = format!("service/{ns}/{name}");
-        entries.insert(name.clone(), Arc::new(entry(name, Body::Service(config))));
+        entries.insert(
+            name.clone(),
+            Arc::new(make_entry(name, EntryKind::Service, config.encode_to_vec())),
+        );
     }
     for ((ns, name), route) in &state.routes {
         let n = format!("route/{ns}/{name}");
         let json = Resource::Route((**route).clone())
             .without_store_fields()
             .to_json();
-        entries.insert(n.clone(), Arc::new(entry(n, Body::RouteJson(json))));
+        entries.insert(
+            n.clone(),
+            Arc::new(make_entry(n, EntryKind::Route, json.into_bytes())),
+        );
     }
     let served: BTreeSet<String> = state
         .groups
@@ -187,17 +182,22 @@ pub fn compute_group(
             let json = Resource::Policy((**policy).clone())
                 .without_store_fields()
                 .to_json();
-            entries.insert(n.clone(), Arc::new(entry(n, Body::PolicyJson(json))));
+            entries.insert(
+                n.clone(),
+                Arc::new(make_entry(n, EntryKind::Policy, json.into_bytes())),
+            );
         }
     }
     entries.insert(
         BUNDLE_ENTRY.to_string(),
-        Arc::new(entry(
-            BUNDLE_ENTRY.to_string(),
-            Body::Bundle(TrustBundleMsg {
+        Arc::new(make_entry(
+            BUNDLE_ENTRY,
+            EntryKind::Bundle,
+            TrustBundleMsg {
                 trust_domain: bundle.trust_domain.clone(),
                 roots_pem: bundle.to_pem(),
-            }),
+            }
+            .encode_to_vec(),
         )),
     );
     GroupSnapshot { entries }
@@ -249,7 +249,7 @@ pub fn compute_self(
             .unwrap_or_default(),
         transport: transport.to_string(),
     };
-    entry(SELF_ENTRY.to_string(), Body::SelfConfig(config))
+    make_entry(SELF_ENTRY, EntryKind::SelfConfig, config.encode_to_vec())
 }
 
 /// The increment that turns what a host holds into `target`.
@@ -392,11 +392,10 @@ spec: {service: web, rules: [{backends: [{subset: {version: v1}}]}]}
         TrustBundle::from_pem("hostmesh.local", &cert.pem(), "t").unwrap()
     }
 
-    fn service<'a>(g: &'a GroupSnapshot, name: &str) -> &'a ServiceConfig {
-        match g.entries.get(name).and_then(|e| e.body.as_ref()) {
-            Some(Body::Service(s)) => s,
-            _ => panic!("no {name}"),
-        }
+    fn service(g: &GroupSnapshot, name: &str) -> ServiceConfig {
+        let e = g.entries.get(name).unwrap_or_else(|| panic!("no {name}"));
+        assert_eq!(e.kind, EntryKind::Service as i32);
+        ServiceConfig::decode(e.body.clone()).unwrap()
     }
 
     #[test]
@@ -494,13 +493,10 @@ spec: {service: web, rules: [{backends: [{subset: {version: v1}}]}]}
             trust_domain: "hostmesh.local".into(),
         };
         let e = compute_self(&state(), &host, &["240.240.0.0/16".to_string()], "");
-        match e.body {
-            Some(Body::SelfConfig(s)) => {
-                assert_eq!(s.services, vec!["shop/web"]);
-                assert_eq!(s.labels.get("app").map(String::as_str), Some("web"));
-            }
-            _ => panic!("not self"),
-        }
+        assert_eq!(e.kind, EntryKind::SelfConfig as i32);
+        let s = SelfConfig::decode(e.body.clone()).unwrap();
+        assert_eq!(s.services, vec!["shop/web"]);
+        assert_eq!(s.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(served_target_ports(&state(), "shop", "web"), vec![8080]);
     }
 }

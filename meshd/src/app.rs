@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-use crate::admin::readiness::Readiness;
-use crate::admin::{self, AdminState};
+use crate::admin::readiness::{Readiness, TaskGuard};
+use crate::admin::{self, AdminState, CaptureStatus};
 use crate::capture::{self, CaptureSpec};
 use crate::config::MeshdConfig;
 use crate::control::{self, Control, ControlMetrics};
@@ -419,9 +419,10 @@ impl Meshd {
 
         // Capture: the table goes in now (replacing a stale one), and
         // follows every config change.
-        let (capture_tx, capture_rx) = watch::channel(Vec::<String>::new());
+        let (capture_tx, capture_rx) = watch::channel(CaptureStatus::default());
         if config.capture.enabled {
-            let spec = capture_spec(&config, &mesh.load(), controller_addr);
+            let state = mesh.load();
+            let spec = capture_spec(&config, &state, controller_addr);
             capture::apply(&spec)
                 .await
                 .context("installing the nftables capture rules")?;
@@ -431,22 +432,32 @@ impl Meshd {
             {
                 tracing::warn!(error = %e, "adding routes for the VIP ranges failed");
             }
-            capture_tx.send_replace(capture::describe(&spec));
+            let loaded = mesh.is_loaded();
+            capture_tx.send_replace(CaptureStatus {
+                version: loaded.then_some(state.version),
+                lines: capture::describe(&spec),
+            });
             tracing::info!(table = %spec.table, "capture installed");
+            // Not ready until the rules reflect a config from the
+            // controller (or the persisted one): before that, no VIP is
+            // captured and a client would be refused.
+            let pending = (!loaded).then_some(capture_ready);
             rt.control.spawn(follow_capture(
                 config.clone(),
                 mesh.clone(),
                 controller_addr,
                 spec,
                 capture_tx,
+                pending,
                 shutdown_rx.clone(),
             ));
         } else {
-            capture_tx.send_replace(vec![
-                "capture disabled (capture.enabled = false)".to_string(),
-            ]);
+            capture_tx.send_replace(CaptureStatus {
+                version: None,
+                lines: vec!["capture disabled (capture.enabled = false)".to_string()],
+            });
+            drop(capture_ready);
         }
-        drop(capture_ready);
 
         // Names and load-balancer state follow the config.
         {
@@ -461,7 +472,7 @@ impl Meshd {
                     let live: std::collections::HashSet<String> = state
                         .services
                         .values()
-                        .flat_map(|s| s.endpoints.iter().map(|e| e.host_id.clone()))
+                        .flat_map(|s| s.endpoints.iter().map(|e| e.host_id.to_string()))
                         .collect();
                     balancer.retain(|h| live.contains(h));
                 }
@@ -592,32 +603,44 @@ async fn follow_capture(
     config: MeshdConfig,
     mesh: Arc<MeshHandle>,
     controller: Option<SocketAddr>,
-    mut current: CaptureSpec,
-    describe: watch::Sender<Vec<String>>,
+    installed: CaptureSpec,
+    status: watch::Sender<CaptureStatus>,
+    mut first_config: Option<TaskGuard>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut versions = mesh.subscribe();
+    let mut digest = installed.digest();
+    let mut vip_ranges = installed.vip_ranges;
     loop {
         tokio::select! {
             changed = versions.changed() => if changed.is_err() { return },
             _ = crate::drain::wait_true(&mut shutdown) => return,
         }
-        let spec = capture_spec(&config, &mesh.load(), controller);
-        if spec == current {
+        let state = mesh.load();
+        let spec = capture_spec(&config, &state, controller);
+        let new_digest = spec.digest();
+        if new_digest == digest {
+            status.send_modify(|s| s.version = Some(state.version));
+            first_config.take();
             continue;
         }
         match capture::apply(&spec).await {
             Ok(()) => {
                 if config.capture.vip_routes
-                    && spec.vip_ranges != current.vip_ranges
+                    && spec.vip_ranges != vip_ranges
                     && !spec.vip_ranges.is_empty()
                     && let Err(e) = capture::ensure_vip_routes(&spec.vip_ranges).await
                 {
                     tracing::warn!(error = %e, "adding routes for the VIP ranges failed");
                 }
-                describe.send_replace(capture::describe(&spec));
-                tracing::info!(endpoints = spec.endpoints.len(), strict_ports = ?spec.strict_ports, "capture rules updated");
-                current = spec;
+                status.send_replace(CaptureStatus {
+                    version: Some(state.version),
+                    lines: capture::describe(&spec),
+                });
+                tracing::info!(version = state.version, endpoints = spec.endpoints.len(), strict_ports = ?spec.strict_ports, "capture rules updated");
+                digest = new_digest;
+                vip_ranges = spec.vip_ranges;
+                first_config.take();
             }
             Err(e) => {
                 tracing::error!(error = %e, "updating the capture rules failed; the previous rules stay")

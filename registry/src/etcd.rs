@@ -31,8 +31,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
     Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
-    EventType, GetOptions, Identity, KvClient, LeaseClient, LeaseKeepAliveStream, PutOptions,
-    TlsOptions, Txn as EtcdTxn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
+    EventType, GetOptions, Identity, KvClient, LeaseClient, PutOptions, TlsOptions, Txn as EtcdTxn,
+    TxnOp, TxnOpResponse, WatchClient, WatchOptions,
 };
 use tonic::Code;
 
@@ -744,19 +744,22 @@ impl Store for EtcdStore {
     }
 
     async fn lease_keeper(&self, lease: LeaseId) -> Result<Box<dyn LeaseKeeper>> {
+        let info = self
+            .lease_info(lease)
+            .await?
+            .ok_or(StoreError::LeaseNotFound(lease))?;
         let mut keeper = EtcdLeaseKeeper {
             client: self.lease.clone(),
             id: lease,
             what: self.what(format_args!("keep lease {lease:x} alive")),
             request_timeout: self.request_timeout,
-            stream: None,
+            granted_ttl: info.granted_ttl,
         };
-        // Open the keep-alive stream now (this refreshes the lease once), so
-        // that an unknown lease is reported here.
+        // Refresh once now, so that an unknown lease is reported here.
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
-            match keeper.open_once().await {
+            match keeper.refresh_once().await.map(|_| ()) {
                 Ok(()) => return Ok(Box::new(keeper)),
                 Err(e) => {
                     let delay = backoff.next_delay();
@@ -1037,12 +1040,19 @@ impl EtcdWatch {
 
 // ------------------------------------------------------------------ leases
 
+/// Keeps one lease alive with a short-lived keep-alive stream per refresh:
+/// open, send one keep-alive (etcd-client sends it on open), read its
+/// answer, close. A stream held open per lease would cost the controller
+/// about 17 KB per connected host (tonic's encode and decode buffers, the
+/// HTTP/2 stream, the request channel) to save one stream setup per
+/// heartbeat; etcd-client cannot send keep-alives for several leases on
+/// one stream, which is what etcd's own Go client does instead.
 struct EtcdLeaseKeeper {
     client: LeaseClient,
     id: LeaseId,
     what: String,
     request_timeout: Duration,
-    stream: Option<(etcd_client::LeaseKeeper, LeaseKeepAliveStream)>,
+    granted_ttl: Duration,
 }
 
 impl EtcdLeaseKeeper {
@@ -1054,58 +1064,22 @@ impl EtcdLeaseKeeper {
         }
     }
 
-    /// Opens the keep-alive stream (etcd-client sends one keep-alive and
-    /// waits for its answer while doing so).
-    async fn open_once(&mut self) -> Result<()> {
-        let opened = self.client.keep_alive(self.id).await;
-        match opened {
-            Ok(stream) => {
-                self.stream = Some(stream);
-                Ok(())
-            }
-            Err(e) => Err(self.lease_error(e)),
-        }
-    }
-
+    /// One keep-alive on a stream of its own: etcd-client sends the request
+    /// when the stream opens and reads etcd's answer (refusing a TTL of 0,
+    /// "lease not found"); the stream is dropped at once, so that an idle
+    /// keeper holds no HTTP/2 stream and its buffers between refreshes.
+    /// etcd resets a refreshed lease to its granted TTL, which is what this
+    /// returns.
     async fn refresh_once(&mut self) -> Result<Duration> {
-        if self.stream.is_none() {
-            self.open_once().await?;
-        }
-        let Some((keeper, responses)) = self.stream.as_mut() else {
-            unreachable!("opened above");
-        };
-        let sent = keeper.keep_alive().await;
-        let answer = match sent {
-            Ok(()) => tokio::time::timeout(self.request_timeout, responses.message()).await,
-            Err(e) => {
-                self.stream = None;
-                return Err(self.lease_error(e));
-            }
-        };
+        let answer =
+            tokio::time::timeout(self.request_timeout, self.client.keep_alive(self.id)).await;
         match answer {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => Ok(secs(resp.ttl())),
-            Ok(Ok(Some(_))) => {
-                self.stream = None;
-                Err(StoreError::LeaseNotFound(self.id))
-            }
-            Ok(Ok(None)) => {
-                self.stream = None;
-                Err(StoreError::Unavailable(format!(
-                    "{}: etcd closed the keep-alive stream",
-                    self.what
-                )))
-            }
-            Ok(Err(e)) => {
-                self.stream = None;
-                Err(self.lease_error(e))
-            }
-            Err(_) => {
-                self.stream = None;
-                Err(StoreError::Unavailable(format!(
-                    "{}: no keep-alive answer within {:?}",
-                    self.what, self.request_timeout
-                )))
-            }
+            Ok(Ok(_)) => Ok(self.granted_ttl),
+            Ok(Err(e)) => Err(self.lease_error(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{}: no keep-alive answer within {:?}",
+                self.what, self.request_timeout
+            ))),
         }
     }
 }

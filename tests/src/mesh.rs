@@ -289,6 +289,29 @@ impl MeshLab {
         )
     }
 
+    /// Waits until the capture rules on `host` reflect the config it uses
+    /// (they follow each config change a moment later).
+    pub fn wait_capture_current(&self, host: usize) {
+        self.eventually(
+            &format!("the capture rules on host {host} to follow its config"),
+            Duration::from_secs(20),
+            || {
+                let status = json(
+                    &self
+                        .lab
+                        .http_get(host, "http://127.0.0.1:15000/status")
+                        .map_err(|e| e.to_string())?,
+                );
+                let (config, captured) = (&status["config"]["version"], &status["captureVersion"]);
+                if config.is_u64() && config == captured {
+                    Ok(())
+                } else {
+                    Err(format!("config {config}, capture {captured}"))
+                }
+            },
+        );
+    }
+
     pub fn endpoints(&self, host: usize, ns: &str, name: &str) -> Vec<String> {
         let config = self.config(host);
         let mut out: Vec<String> = config["services"]

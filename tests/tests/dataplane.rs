@@ -100,6 +100,7 @@ fn lab(web_hosts: &[usize], transport: &str) -> MeshLab {
             }
         },
     );
+    m.wait_capture_current(CLIENT);
     m
 }
 
@@ -369,6 +370,7 @@ fn a_1gib_transfer_arrives_with_the_same_checksum(transport: &str) {
             if ok { Ok(()) } else { Err(format!("{config}")) }
         },
     );
+    m.wait_capture_current(CLIENT);
     let started = Instant::now();
     let got = m.lab.sh_ok(
         CLIENT,

@@ -338,6 +338,55 @@ async fn two_hosts_racing_for_the_last_use_one_wins() {
 }
 
 #[tokio::test]
+async fn many_joins_on_one_token_spend_exactly_its_uses() {
+    // An Ansible run with many forks sharing one token: every use goes to
+    // exactly one host, nobody is told "aborted", the rest are refused.
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 20, 3600).await;
+    let joins = (0..24).map(|i| {
+        join(
+            args(
+                &m,
+                &t.token,
+                &t.ca_hash,
+                &m.dir.path().join(format!("many{i}")),
+            ),
+            0,
+        )
+    });
+    let results = futures::future::join_all(joins).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let refused: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(ok, 20, "refused: {refused:?}");
+    for (e, r) in results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .zip(&refused)
+    {
+        assert!(unauthenticated(e), "{r}");
+    }
+    let ids: std::collections::BTreeSet<String> = results
+        .iter()
+        .filter_map(|r| match r {
+            Ok(JoinOutcome::Joined(h)) => Some(h.host_id.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 20, "every host got its own id");
+    let list = m
+        .admin
+        .list_tokens(proto::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.tokens[0].uses_left, 0);
+}
+
+#[tokio::test]
 async fn a_wrong_ca_hash_stops_before_the_token_is_sent() {
     let mut m = mesh().await;
     let t = token(&mut m, "shop/web", 1, 3600).await;

@@ -31,11 +31,34 @@ use crate::tokens::{self, PresentedToken, TokenRecord};
 
 pub struct IdentityService {
     shared: Arc<Shared>,
+    /// Joins on one token take turns in this controller (striped by token
+    /// id), so an Ansible run of many forks sharing a token does not spend
+    /// its compare-and-swap attempts racing itself. The CAS still guards
+    /// the use count against other controllers.
+    join_turns: Box<[tokio::sync::Mutex<()>]>,
 }
+
+/// How many join lanes: tokens that hash to one lane take turns.
+const JOIN_TURNS: usize = 64;
+
+/// Compare-and-swap attempts on a token's use count before giving up.
+const JOIN_ATTEMPTS: u32 = 16;
 
 impl IdentityService {
     pub fn new(shared: Arc<Shared>) -> IdentityService {
-        IdentityService { shared }
+        IdentityService {
+            shared,
+            join_turns: (0..JOIN_TURNS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    fn join_turn(&self, token_id: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        token_id.hash(&mut h);
+        &self.join_turns[(h.finish() % JOIN_TURNS as u64) as usize]
     }
 
     fn now_ms(&self) -> i64 {
@@ -207,15 +230,31 @@ impl Identity for IdentityService {
             )));
         }
         let token_key = shared.keys.token(&presented.id);
-        for _attempt in 0..16 {
+        let turn = self.join_turn(&presented.id).lock().await;
+        let mut csr_checked_for = None;
+        for attempt in 0..JOIN_ATTEMPTS {
+            if attempt > 0 {
+                // Another controller used the token meanwhile: back off a
+                // random 1..2^attempt ms (at most 64 ms) before reading it
+                // again, so the contenders spread out.
+                let cap = 1u64 << attempt.min(6);
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    1 + rand::random::<u64>() % cap,
+                ))
+                .await;
+            }
             let (mut record, kv, group, spiffe) =
                 self.genuine_token(ip, now_ms, &presented).await?;
             let ns = group.metadata.namespace.clone();
             let ns = ns.as_str();
             let group_name = group.metadata.name.clone();
             let group_name = group_name.as_str();
-            // Check the CSR before spending a use of the token.
-            crate::ca::check_csr(&req.csr_pem, &spiffe).map_err(csr_status)?;
+            // Check the CSR before spending a use of the token (once per
+            // identity the token gives; it changes only if its group does).
+            if csr_checked_for.as_ref() != Some(&spiffe) {
+                crate::ca::check_csr(&req.csr_pem, &spiffe).map_err(csr_status)?;
+                csr_checked_for = Some(spiffe.clone());
+            }
             let host_id = new_host_id(group_name)?;
             let workload = Resource::Workload(Object::new(
                 Kind::Workload,
@@ -247,6 +286,7 @@ impl Identity for IdentityService {
                 // Someone else used the token meanwhile: check it again.
                 TxnOutcome::Conflict { .. } => continue,
             }
+            drop(turn);
             let issued = shared
                 .ca
                 .issue_for_csr(&req.csr_pem, &spiffe, &host_id)

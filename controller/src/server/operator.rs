@@ -26,6 +26,10 @@ use crate::metrics::Metrics;
 use crate::resources::{ApplyError, decode};
 use crate::tokens::{self, TokenRecord};
 
+/// How long a CA activation waits for this replica's serving certificate
+/// to come from the new root (a re-issue takes milliseconds).
+const CA_SWITCH_WAIT: Duration = Duration::from_secs(5);
+
 pub struct OperatorService {
     shared: Arc<Shared>,
 }
@@ -495,12 +499,24 @@ impl Operator for OperatorService {
     ) -> Result<Response<CaRoot>, Status> {
         self.admin(&req)?;
         let id = req.into_inner().id;
+        let mut generation = self.shared.ca_generation.clone();
+        generation.mark_unchanged();
+        let before = self.shared.ca.roots();
         let root = self
             .shared
             .ca
             .activate(&*self.shared.store, &self.shared.keys, &id)
             .await
             .map_err(ca_status)?;
+        // Return once this replica presents a certificate from the new root,
+        // so that a token minted next (pinning it) joins at once here.
+        if self.shared.ca.roots() != before
+            && tokio::time::timeout(CA_SWITCH_WAIT, generation.changed())
+                .await
+                .is_err()
+        {
+            tracing::warn!(root = %id, "the serving certificate has not switched to the new root yet");
+        }
         Ok(Response::new(root_proto(&root)))
     }
 

@@ -36,9 +36,17 @@ pub struct AdminState {
     pub identity: Arc<Identity>,
     pub readiness: Readiness,
     pub pool: Arc<Pool>,
-    /// Human lines: what nftables captures.
-    pub capture: watch::Receiver<Vec<String>>,
+    /// What nftables captures, and for which config version.
+    pub capture: watch::Receiver<CaptureStatus>,
     pub config_json: Value,
+}
+
+/// The capture rules in place: human lines, and the config version they
+/// were built from (`None` before the first config, or with capture off).
+#[derive(Clone, Debug, Default)]
+pub struct CaptureStatus {
+    pub version: Option<u64>,
+    pub lines: Vec<String>,
 }
 
 pub async fn serve(
@@ -147,13 +155,13 @@ pub fn config_json(st: &MeshState) -> Value {
                 "mtls": s.mtls.as_str(),
                 "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "targetPort": p.target, "protocol": p.protocol.as_str()})).collect::<Vec<_>>(),
                 "endpoints": s.endpoints.iter().map(|e| json!({
-                    "hostId": e.host_id,
+                    "hostId": &*e.host_id,
                     "address": e.address.to_string(),
                     "tunnelPort": e.tunnel_port,
                     "quic": e.quic,
-                    "identity": e.identity.to_string(),
-                    "labels": e.labels,
-                    "healthyPorts": e.healthy_ports,
+                    "identity": e.identity().to_string(),
+                    "labels": crate::mesh::labels_json(e.labels()),
+                    "healthyPorts": e.healthy_ports(),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -218,7 +226,8 @@ fn status_json(state: &AdminState) -> Value {
         "config": {"version": mesh.version, "loaded": state.mesh.is_loaded(), "services": mesh.services.len()},
         "ready": state.readiness.pending().is_empty(),
         "pending": state.readiness.pending(),
-        "captured": state.capture.borrow().clone(),
+        "captured": state.capture.borrow().lines.clone(),
+        "captureVersion": state.capture.borrow().version,
         "tunnels": tunnels,
         "settings": state.config_json,
     })

@@ -23,7 +23,7 @@ pub(crate) const MAX_TABLE_NAME_LEN: usize = 64;
 /// Lists may be in any order and hold duplicates: the ruleset is rendered
 /// from a sorted, de-duplicated normal form, so the same content always gives
 /// the same script.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CaptureSpec {
     /// Name of the one nftables table meshd owns, in family `inet`
     /// (default `hostmesh`). Letters, digits and `_`, starting with a letter.
@@ -57,6 +57,29 @@ pub struct CaptureSpec {
     pub exclude_addrs: Vec<IpAddr>,
 }
 
+impl CaptureSpec {
+    /// SHA-256 over the whole spec: what meshd keeps of the installed spec to
+    /// tell whether a new one differs, instead of a copy of a list that can
+    /// hold 100,000 endpoints.
+    pub fn digest(&self) -> [u8; 32] {
+        struct Sha(ring::digest::Context);
+        impl std::hash::Hasher for Sha {
+            fn write(&mut self, bytes: &[u8]) {
+                self.0.update(bytes);
+            }
+            // Never called by `Hash::hash`; the digest is read below.
+            fn finish(&self) -> u64 {
+                0
+            }
+        }
+        let mut sha = Sha(ring::digest::Context::new(&ring::digest::SHA256));
+        std::hash::Hash::hash(self, &mut sha);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(sha.0.finish().as_ref());
+        out
+    }
+}
+
 /// Why a port listed in `strict_ports` gets no drop rule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum NotEnforced {
@@ -79,8 +102,10 @@ pub(crate) struct Plan {
     pub(crate) exclude_v6: BTreeSet<Ipv6Addr>,
     pub(crate) vip_v4: Vec<Ipv4Net>,
     pub(crate) vip_v6: Vec<Ipv6Net>,
-    pub(crate) endpoints_v4: BTreeSet<(Ipv4Addr, u16)>,
-    pub(crate) endpoints_v6: BTreeSet<(Ipv6Addr, u16)>,
+    /// Sorted and de-duplicated (vectors, not sets: 100,000 endpoints fit
+    /// in one allocation).
+    pub(crate) endpoints_v4: Vec<(Ipv4Addr, u16)>,
+    pub(crate) endpoints_v6: Vec<(Ipv6Addr, u16)>,
     /// Strict ports that get the drop rule.
     pub(crate) strict_ports: BTreeSet<u16>,
     /// Strict ports that do not, and why.
@@ -191,8 +216,8 @@ pub(crate) fn plan(spec: &CaptureSpec) -> Result<Plan, CaptureError> {
     let vip_v4 = Ipv4Net::aggregate(&vip_v4);
     let vip_v6 = Ipv6Net::aggregate(&vip_v6);
 
-    let mut endpoints_v4 = BTreeSet::new();
-    let mut endpoints_v6 = BTreeSet::new();
+    let mut endpoints_v4 = Vec::with_capacity(spec.endpoints.len());
+    let mut endpoints_v6 = Vec::new();
     for endpoint in &spec.endpoints {
         if endpoint.port() == 0 {
             return Err(invalid("endpoints", format!("{endpoint} has port 0")));
@@ -204,10 +229,14 @@ pub(crate) fn plan(spec: &CaptureSpec) -> Result<Plan, CaptureError> {
                     format!("{endpoint} has the unspecified address"),
                 ));
             }
-            IpAddr::V4(v4) => endpoints_v4.insert((v4, endpoint.port())),
-            IpAddr::V6(v6) => endpoints_v6.insert((v6, endpoint.port())),
+            IpAddr::V4(v4) => endpoints_v4.push((v4, endpoint.port())),
+            IpAddr::V6(v6) => endpoints_v6.push((v6, endpoint.port())),
         };
     }
+    endpoints_v4.sort_unstable();
+    endpoints_v4.dedup();
+    endpoints_v6.sort_unstable();
+    endpoints_v6.dedup();
 
     let mut strict_ports = BTreeSet::new();
     let mut not_enforced = BTreeSet::new();
@@ -264,6 +293,33 @@ mod tests {
             Err(CaptureError::InvalidSpec { field, .. }) => field,
             other => panic!("expected InvalidSpec, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_digest_changes_with_any_field_and_only_then() {
+        assert_eq!(base().digest(), base().digest());
+        let mut changed = Vec::new();
+        let mut s = base();
+        s.endpoints.push("10.0.0.2:8080".parse().unwrap());
+        changed.push(s.clone());
+        s.endpoints[0].set_port(8081);
+        changed.push(s);
+        let mut s = base();
+        s.dns_port = None;
+        changed.push(s);
+        let mut s = base();
+        s.strict_ports = vec![8080];
+        changed.push(s);
+        // A value moved from one list to the next must not hash the same.
+        let mut s = base();
+        s.exclude_ports = vec![22];
+        s.exclude_addrs = vec![];
+        s.strict_ports = vec![15012];
+        changed.push(s);
+        let mut digests: Vec<[u8; 32]> = changed.iter().map(CaptureSpec::digest).collect();
+        digests.push(base().digest());
+        let unique: BTreeSet<[u8; 32]> = digests.iter().copied().collect();
+        assert_eq!(unique.len(), digests.len());
     }
 
     #[test]
@@ -428,10 +484,7 @@ mod tests {
             ..base()
         };
         let plan = plan(&spec).unwrap();
-        assert_eq!(
-            plan.endpoints_v4,
-            BTreeSet::from([(Ipv4Addr::new(10, 0, 0, 7), 8080)])
-        );
+        assert_eq!(plan.endpoints_v4, vec![(Ipv4Addr::new(10, 0, 0, 7), 8080)]);
         assert!(plan.endpoints_v6.is_empty());
         assert_eq!(
             plan.exclude_v4,
@@ -454,7 +507,7 @@ mod tests {
         };
         let plan = plan(&spec).unwrap();
         assert_eq!(
-            plan.endpoints_v4.iter().copied().collect::<Vec<_>>(),
+            plan.endpoints_v4,
             vec![
                 (Ipv4Addr::new(10, 0, 0, 2), 80),
                 (Ipv4Addr::new(10, 0, 0, 9), 80)

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use hostmesh_api::proto::hosts_client::HostsClient;
 use hostmesh_api::proto::{
-    Ack, ConfigUpdate, Heartbeat, Hello, HostMessage, HostStatus, Nack, config_entry::Body,
+    Ack, ConfigUpdate, EntryKind, Heartbeat, Hello, HostMessage, HostStatus, Nack,
     controller_message, host_message,
 };
 use prometheus_client::metrics::counter::Counter;
@@ -141,14 +141,14 @@ impl Control {
                 return None;
             }
         };
-        let snap = match Snapshot::decode(&bytes) {
+        let snap = match Snapshot::decode(prost::bytes::Bytes::from(bytes)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "the last good config on disk is unreadable; starting without it");
                 return None;
             }
         };
-        match MeshState::build(&snap, &self.limits) {
+        match MeshState::build(&snap, &self.limits, None) {
             Ok(state) => {
                 let version = snap.version;
                 self.use_state(snap, state);
@@ -179,10 +179,15 @@ impl Control {
     }
 
     /// Applies one update; Ok(()) to acknowledge, Err(reason) to reject.
-    pub fn apply_update(&self, update: &ConfigUpdate) -> Result<(), String> {
-        let current = self.snapshot();
-        let next = current.apply(update).map_err(|e| e.to_string())?;
-        let state = MeshState::build(&next, &self.limits)?;
+    pub fn apply_update(&self, update: ConfigUpdate) -> Result<(), String> {
+        let next = {
+            let current = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+            current.apply(update).map_err(|e| e.to_string())?
+        };
+        // Services whose entries did not change keep their built state.
+        let previous = self.mesh.load();
+        let state = MeshState::build(&next, &self.limits, Some(&previous))?;
+        drop(previous);
         if let Err(e) = self.state_dir.write(SNAPSHOT_FILE, &next.encode(), 0o600) {
             // Serving the new config matters more than keeping it on disk;
             // the next update tries again.
@@ -279,7 +284,7 @@ impl Control {
                             tracing::info!(host = %info.host_id, heartbeat_s = every.as_secs(), "connected to the controller");
                         }
                         Some(controller_message::Msg::Update(update)) => {
-                            let reply = self.handle_update(&update);
+                            let reply = self.handle_update(update);
                             tx.send(reply).await.map_err(|_| "session closed".to_string())?;
                         }
                         None => {}
@@ -302,11 +307,17 @@ impl Control {
         }
     }
 
-    fn handle_update(&self, update: &ConfigUpdate) -> HostMessage {
+    fn handle_update(&self, update: ConfigUpdate) -> HostMessage {
         let has_bundle = update
             .upserts
             .iter()
-            .any(|e| matches!(e.body, Some(Body::Bundle(_))));
+            .any(|e| e.kind == EntryKind::Bundle as i32);
+        let (version, upserts, removals, full) = (
+            update.version,
+            update.upserts.len(),
+            update.removals.len(),
+            update.full,
+        );
         match self.apply_update(update) {
             Ok(()) => {
                 self.metrics
@@ -314,17 +325,15 @@ impl Control {
                     .get_or_create(&ResultLabel { result: "accepted" })
                     .inc();
                 tracing::info!(
-                    version = update.version,
-                    upserts = update.upserts.len(),
-                    removals = update.removals.len(),
-                    full = update.full,
+                    version,
+                    upserts,
+                    removals,
+                    full,
                     bundle = has_bundle,
                     "config update accepted"
                 );
                 HostMessage {
-                    msg: Some(host_message::Msg::Ack(Ack {
-                        version: update.version,
-                    })),
+                    msg: Some(host_message::Msg::Ack(Ack { version })),
                 }
             }
             Err(reason) => {
@@ -332,16 +341,13 @@ impl Control {
                     .updates
                     .get_or_create(&ResultLabel { result: "rejected" })
                     .inc();
-                tracing::warn!(version = update.version, reason = %reason, "config update rejected; keeping the last good config");
+                tracing::warn!(version, reason = %reason, "config update rejected; keeping the last good config");
                 self.link.send_modify(|l| {
-                    l.rejected_version = update.version;
+                    l.rejected_version = version;
                     l.reject_reason = reason.clone();
                 });
                 HostMessage {
-                    msg: Some(host_message::Msg::Nack(Nack {
-                        version: update.version,
-                        reason,
-                    })),
+                    msg: Some(host_message::Msg::Nack(Nack { version, reason })),
                 }
             }
         }

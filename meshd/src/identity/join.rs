@@ -78,6 +78,9 @@ pub fn check_pin(pin: &str) -> Result<String, JoinError> {
     Ok(lower)
 }
 
+/// Joins answered "aborted" (the token raced other joins) tried again.
+const JOIN_RETRIES: u32 = 5;
+
 fn status_text(s: &tonic::Status) -> String {
     s.message().to_string()
 }
@@ -163,15 +166,28 @@ pub async fn join(args: JoinArgs, now_unix: i64) -> Result<JoinOutcome, JoinErro
     let key = pki::generate_key().map_err(|e| JoinError::BadAnswer(e.to_string()))?;
     let csr = pki::build_csr(&key, &spiffe, &args.hostname)
         .map_err(|e| JoinError::BadAnswer(e.to_string()))?;
-    let joined = client
-        .join(JoinRequest {
-            token,
-            csr_pem: csr,
-            hostname: args.hostname.clone(),
-        })
-        .await
-        .map_err(|s| JoinError::Refused(status_text(&s)))?
-        .into_inner();
+    // "aborted" means the token's use count kept changing under other joins
+    // and nothing was spent: try again a few times, spread out.
+    let mut tries = 0u32;
+    let joined = loop {
+        let answer = client
+            .join(JoinRequest {
+                token: token.clone(),
+                csr_pem: csr.clone(),
+                hostname: args.hostname.clone(),
+            })
+            .await;
+        match answer {
+            Ok(joined) => break joined.into_inner(),
+            Err(s) if s.code() == tonic::Code::Aborted && tries < JOIN_RETRIES => {
+                tries += 1;
+                let wait = 100 * u64::from(tries) + rand::random::<u64>() % 200;
+                tracing::info!(retry = tries, wait_ms = wait, "{}", status_text(&s));
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
+            Err(s) => return Err(JoinError::Refused(status_text(&s))),
+        }
+    };
 
     // 4. Check and store.
     let chain = pki::certs_from_pem(&joined.certificate_chain_pem, "issued certificate")

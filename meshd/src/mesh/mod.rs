@@ -17,13 +17,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hostmesh_api::document::resource_from_json;
-use hostmesh_api::proto::config_entry::Body;
-use hostmesh_api::proto::{EndpointConfig, SelfConfig, ServiceConfig};
+use hostmesh_api::proto::{
+    ConfigEntry, EndpointConfig, EntryKind, SelfConfig, ServiceConfig,
+    TrustBundle as TrustBundleMsg,
+};
 use hostmesh_api::resource::validate::{is_dns_label, validate};
 use hostmesh_api::resource::{MtlsMode, Policy, Protocol, Resource, Route};
 use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::TrustBundle;
 use ipnet::IpNet;
+use prost::Message;
 
 pub use snapshot::Snapshot;
 
@@ -62,15 +65,30 @@ pub struct PortState {
     pub protocol: Protocol,
 }
 
+/// One endpoint, kept small: a mesh of 100,000 endpoints holds 100,000 of
+/// these (72 bytes each with the `Arc` counts, and no other allocation but
+/// the host id). What endpoints share is held once in their
+/// [`EndpointGroup`], and which ports are healthy is a bitmask over the
+/// service's target ports.
 #[derive(Debug, PartialEq, Eq)]
 pub struct EndpointState {
-    pub host_id: String,
+    pub host_id: Box<str>,
     pub address: IpAddr,
     pub tunnel_port: u16,
     pub quic: bool,
-    pub identity: SpiffeId,
-    pub labels: BTreeMap<String, String>,
-    pub healthy_ports: Vec<u16>,
+    pub group: Arc<EndpointGroup>,
+    /// Bit i: `group.targets[i]` answered its health check on this host.
+    pub healthy: u64,
+}
+
+/// What the endpoints of one service with one identity and one label set
+/// have in common.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct EndpointGroup {
+    pub identity: Arc<SpiffeId>,
+    pub labels: Labels,
+    /// The service's target ports.
+    pub targets: Arc<[u16]>,
 }
 
 impl EndpointState {
@@ -78,13 +96,50 @@ impl EndpointState {
         SocketAddr::new(self.address, self.tunnel_port)
     }
 
-    pub fn is_healthy(&self, target: u16) -> bool {
-        self.healthy_ports.contains(&target)
+    pub fn identity(&self) -> &Arc<SpiffeId> {
+        &self.group.identity
     }
+
+    pub fn labels(&self) -> &Labels {
+        &self.group.labels
+    }
+
+    pub fn is_healthy(&self, target: u16) -> bool {
+        self.group
+            .targets
+            .iter()
+            .position(|t| *t == target)
+            .is_some_and(|i| self.healthy >> i & 1 == 1)
+    }
+
+    pub fn healthy_ports(&self) -> Vec<u16> {
+        self.group
+            .targets
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.healthy >> i & 1 == 1)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+}
+
+/// An endpoint's labels: sorted by key, one allocation for the pairs, shared
+/// by every endpoint with the same set (a `BTreeMap` would spend a 544-byte
+/// node on the usual two or three labels).
+pub type Labels = Arc<[(Box<str>, Box<str>)]>;
+
+/// The labels as a JSON object (for `/config`).
+pub fn labels_json(labels: &Labels) -> serde_json::Map<String, serde_json::Value> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+        .collect()
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct ServiceState {
+    /// The config entry's hash: an unchanged entry reuses this state.
+    pub hash: String,
     pub namespace: String,
     pub name: String,
     pub vips: Vec<IpAddr>,
@@ -158,8 +213,14 @@ fn port16(v: u32, what: &str) -> Result<u16, String> {
 }
 
 impl MeshState {
-    /// Checks a snapshot and builds the state it describes.
-    pub fn build(snapshot: &Snapshot, limits: &HostLimits) -> Result<MeshState, String> {
+    /// Checks a snapshot and builds the state it describes. Services whose
+    /// entries have not changed since `previous` are reused as they are,
+    /// so an update decodes only what it changed.
+    pub fn build(
+        snapshot: &Snapshot,
+        limits: &HostLimits,
+        previous: Option<&MeshState>,
+    ) -> Result<MeshState, String> {
         let mut state = MeshState {
             version: snapshot.version,
             ..MeshState::default()
@@ -167,23 +228,34 @@ impl MeshState {
         let mut trust_domain = limits.trust_domain.clone();
         // `self` first: the rest is checked against it.
         if let Some(e) = snapshot.entries.get("self") {
-            match &e.body {
-                Some(Body::SelfConfig(s)) => {
-                    let me = self_info(s, limits)?;
-                    trust_domain = me.trust_domain.clone();
-                    state.me = Some(me);
-                }
-                _ => return Err("entry \"self\" is not a host description".to_string()),
+            if e.kind != EntryKind::SelfConfig as i32 {
+                return Err("entry \"self\" is not a host description".to_string());
             }
+            let s = SelfConfig::decode(e.body.clone()).map_err(|err| format!("self: {err}"))?;
+            let me = self_info(&s, limits)?;
+            trust_domain = me.trust_domain.clone();
+            state.me = Some(me);
         }
+        let mut interner = Interner::default();
         for (name, entry) in &snapshot.entries {
-            let Some(body) = &entry.body else {
-                return Err(format!("entry {name:?} has no body"));
-            };
-            match body {
-                Body::Service(s) => {
-                    let svc =
-                        service_state(s, &trust_domain).map_err(|e| format!("{name}: {e}"))?;
+            let kind = EntryKind::try_from(entry.kind)
+                .map_err(|_| format!("entry {name:?} has an unknown kind"))?;
+            match kind {
+                EntryKind::Service => {
+                    let reused = previous.and_then(|p| {
+                        let (ns, svc) = name.strip_prefix("service/")?.split_once('/')?;
+                        p.services
+                            .get(&(ns.to_string(), svc.to_string()))
+                            .filter(|s| s.hash == entry.hash)
+                            .cloned()
+                    });
+                    let svc = match reused {
+                        Some(s) => s,
+                        None => Arc::new(
+                            decode_service(entry, &trust_domain, &mut interner)
+                                .map_err(|e| format!("{name}: {e}"))?,
+                        ),
+                    };
                     if format!("service/{}/{}", svc.namespace, svc.name) != *name {
                         return Err(format!(
                             "entry {name:?} holds service {}/{}",
@@ -192,9 +264,9 @@ impl MeshState {
                     }
                     state
                         .services
-                        .insert((svc.namespace.clone(), svc.name.clone()), Arc::new(svc));
+                        .insert((svc.namespace.clone(), svc.name.clone()), svc);
                 }
-                Body::RouteJson(json) => match resource_from_json(json) {
+                EntryKind::Route => match decode_json(entry) {
                     Ok(r @ Resource::Route(_)) => {
                         validate(&r).map_err(|e| format!("{name}: {e}"))?;
                         if let Resource::Route(route) = r {
@@ -204,7 +276,7 @@ impl MeshState {
                     Ok(_) => return Err(format!("{name}: not a Route")),
                     Err(e) => return Err(format!("{name}: {e}")),
                 },
-                Body::PolicyJson(json) => match resource_from_json(json) {
+                EntryKind::Policy => match decode_json(entry) {
                     Ok(r @ Resource::Policy(_)) => {
                         validate(&r).map_err(|e| format!("{name}: {e}"))?;
                         if let Resource::Policy(p) = r {
@@ -214,7 +286,9 @@ impl MeshState {
                     Ok(_) => return Err(format!("{name}: not a Policy")),
                     Err(e) => return Err(format!("{name}: {e}")),
                 },
-                Body::Bundle(b) => {
+                EntryKind::Bundle => {
+                    let b = TrustBundleMsg::decode(entry.body.clone())
+                        .map_err(|e| format!("{name}: {e}"))?;
                     let bundle =
                         TrustBundle::from_pem(&b.trust_domain, &b.roots_pem, "trust bundle")
                             .map_err(|e| format!("{name}: {e}"))?;
@@ -224,10 +298,11 @@ impl MeshState {
                             b.trust_domain
                         ));
                     }
-                    state.bundle_pem = b.roots_pem.clone();
+                    state.bundle_pem = b.roots_pem;
                     state.bundle = Some(bundle);
                 }
-                Body::SelfConfig(_) => {}
+                EntryKind::SelfConfig => {}
+                EntryKind::Unspecified => return Err(format!("entry {name:?} has no kind")),
             }
         }
         state.index(limits)?;
@@ -415,7 +490,68 @@ fn self_info(s: &SelfConfig, limits: &HostLimits) -> Result<SelfInfo, String> {
     })
 }
 
-fn service_state(s: &ServiceConfig, trust_domain: &str) -> Result<ServiceState, String> {
+fn decode_json(entry: &ConfigEntry) -> Result<Resource, String> {
+    let text = std::str::from_utf8(&entry.body).map_err(|_| "not UTF-8".to_string())?;
+    resource_from_json(text)
+}
+
+/// Shares what many endpoints have in common within one build. The sets
+/// hold the shared values themselves (looked up by content), so interning
+/// copies nothing and leaves no garbage behind when the build ends.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<Box<str>, Arc<SpiffeId>>,
+    labels: std::collections::HashSet<Labels>,
+    groups: std::collections::HashSet<Arc<EndpointGroup>>,
+}
+
+impl Interner {
+    fn identity(&mut self, text: &str, trust_domain: &str) -> Result<Arc<SpiffeId>, String> {
+        if let Some(id) = self.ids.get(text) {
+            return Ok(id.clone());
+        }
+        let id: SpiffeId = text
+            .parse()
+            .map_err(|err: hostmesh_api::spiffe::SpiffeIdError| err.to_string())?;
+        if !trust_domain.is_empty() && id.trust_domain() != trust_domain {
+            return Err(format!(
+                "identity {id} is outside trust domain {trust_domain}"
+            ));
+        }
+        let id = Arc::new(id);
+        self.ids.insert(text.into(), id.clone());
+        Ok(id)
+    }
+
+    fn labels(&mut self, labels: BTreeMap<String, String>) -> Labels {
+        let pairs: Vec<(Box<str>, Box<str>)> = labels
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        if let Some(l) = self.labels.get(pairs.as_slice()) {
+            return l.clone();
+        }
+        let l: Labels = pairs.into();
+        self.labels.insert(l.clone());
+        l
+    }
+
+    fn group(&mut self, group: EndpointGroup) -> Arc<EndpointGroup> {
+        if let Some(g) = self.groups.get(&group) {
+            return g.clone();
+        }
+        let g = Arc::new(group);
+        self.groups.insert(g.clone());
+        g
+    }
+}
+
+fn decode_service(
+    entry: &ConfigEntry,
+    trust_domain: &str,
+    interner: &mut Interner,
+) -> Result<ServiceState, String> {
+    let s = ServiceConfig::decode(entry.body.clone()).map_err(|e| e.to_string())?;
     if !is_dns_label(&s.namespace) || !is_dns_label(&s.name) {
         return Err(format!(
             "{:?}/{:?} is not a service name",
@@ -447,15 +583,18 @@ fn service_state(s: &ServiceConfig, trust_domain: &str) -> Result<ServiceState, 
     }
     let mtls = MtlsMode::parse(&s.mtls)
         .ok_or_else(|| format!("mtls {:?} is not strict or permissive", s.mtls))?;
-    let mut endpoints = Vec::new();
-    for (i, e) in s.endpoints.iter().enumerate() {
+    let targets: Arc<[u16]> = ports.iter().map(|p| p.target).collect();
+    let mut endpoints = Vec::with_capacity(s.endpoints.len());
+    for (i, e) in s.endpoints.into_iter().enumerate() {
         endpoints.push(Arc::new(
-            endpoint_state(e, trust_domain).map_err(|m| format!("endpoints[{i}]: {m}"))?,
+            endpoint_state(e, trust_domain, &targets, interner)
+                .map_err(|m| format!("endpoints[{i}]: {m}"))?,
         ));
     }
     Ok(ServiceState {
-        namespace: s.namespace.clone(),
-        name: s.name.clone(),
+        hash: entry.hash.clone(),
+        namespace: s.namespace,
+        name: s.name,
         vips,
         ports,
         mtls,
@@ -463,7 +602,12 @@ fn service_state(s: &ServiceConfig, trust_domain: &str) -> Result<ServiceState, 
     })
 }
 
-fn endpoint_state(e: &EndpointConfig, trust_domain: &str) -> Result<EndpointState, String> {
+fn endpoint_state(
+    e: EndpointConfig,
+    trust_domain: &str,
+    targets: &Arc<[u16]>,
+    interner: &mut Interner,
+) -> Result<EndpointState, String> {
     if e.host_id.is_empty() {
         return Err("no host id".to_string());
     }
@@ -472,27 +616,29 @@ fn endpoint_state(e: &EndpointConfig, trust_domain: &str) -> Result<EndpointStat
         .parse()
         .map_err(|_| format!("address {:?} is not an IP address", e.address))?;
     let tunnel_port = port16(e.tunnel_port, "tunnel port")?;
-    let identity: SpiffeId = e
-        .spiffe_id
-        .parse()
-        .map_err(|err: hostmesh_api::spiffe::SpiffeIdError| err.to_string())?;
-    if !trust_domain.is_empty() && identity.trust_domain() != trust_domain {
-        return Err(format!(
-            "identity {identity} is outside trust domain {trust_domain}"
-        ));
-    }
-    let mut healthy_ports = Vec::new();
+    let identity = interner.identity(&e.spiffe_id, trust_domain)?;
+    let labels = interner.labels(e.labels);
+    let group = interner.group(EndpointGroup {
+        identity,
+        labels,
+        targets: targets.clone(),
+    });
+    let mut healthy = 0u64;
     for p in &e.healthy_ports {
-        healthy_ports.push(port16(*p, "healthy port")?);
+        let p = port16(*p, "healthy port")?;
+        // Ports the service does not use are ignored (the controller
+        // sends only the service's).
+        if let Some(i) = targets.iter().position(|t| *t == p) {
+            healthy |= 1 << i;
+        }
     }
     Ok(EndpointState {
-        host_id: e.host_id.clone(),
+        host_id: e.host_id.into_boxed_str(),
         address,
         tunnel_port,
         quic: e.quic,
-        identity,
-        labels: e.labels.clone(),
-        healthy_ports,
+        group,
+        healthy,
     })
 }
 
@@ -540,17 +686,11 @@ impl MeshHandle {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use hostmesh_api::proto::{ConfigEntry, ConfigUpdate, ServicePortConfig};
-    use prost::Message;
+    use hostmesh_api::entry::make_entry;
+    use hostmesh_api::proto::{ConfigUpdate, ServicePortConfig};
 
-    pub(crate) fn entry(name: &str, body: Body) -> ConfigEntry {
-        let mut e = ConfigEntry {
-            name: name.to_string(),
-            hash: String::new(),
-            body: Some(body),
-        };
-        e.hash = snapshot::content_hash(&e.encode_to_vec());
-        e
+    pub(crate) fn service_entry(name: &str, svc: ServiceConfig) -> ConfigEntry {
+        make_entry(name, EntryKind::Service, svc.encode_to_vec())
     }
 
     pub(crate) fn web_service(target: u32, mtls: &str) -> ServiceConfig {
@@ -578,9 +718,10 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn self_entry(host: &str, serves: &[&str]) -> ConfigEntry {
-        entry(
+        make_entry(
             "self",
-            Body::SelfConfig(SelfConfig {
+            EntryKind::SelfConfig,
+            SelfConfig {
                 host_id: host.into(),
                 namespace: "shop".into(),
                 group: "web".into(),
@@ -591,13 +732,14 @@ pub(crate) mod tests {
                 vip_ranges: vec!["240.240.0.0/16".into()],
                 health_checks: vec![],
                 transport: String::new(),
-            }),
+            }
+            .encode_to_vec(),
         )
     }
 
     pub(crate) fn snapshot(entries: Vec<ConfigEntry>) -> Snapshot {
         Snapshot::default()
-            .apply(&ConfigUpdate {
+            .apply(ConfigUpdate {
                 version: 7,
                 full: true,
                 upserts: entries,
@@ -618,12 +760,9 @@ pub(crate) mod tests {
     fn indexes_vips_endpoints_and_served_ports() {
         let snap = snapshot(vec![
             self_entry("web-1", &["shop/web"]),
-            entry(
-                "service/shop/web",
-                Body::Service(web_service(8080, "strict")),
-            ),
+            service_entry("service/shop/web", web_service(8080, "strict")),
         ]);
-        let st = MeshState::build(&snap, &limits()).unwrap();
+        let st = MeshState::build(&snap, &limits(), None).unwrap();
         let d = st.lookup("240.240.0.10:80".parse().unwrap()).unwrap();
         assert_eq!((d.service.name.as_str(), d.port), ("web", 80));
         assert!(d.endpoint.is_none(), "a VIP is load-balanced");
@@ -631,7 +770,7 @@ pub(crate) mod tests {
         let d = st.lookup("10.0.0.2:8080".parse().unwrap()).unwrap();
         assert_eq!((d.service.name.as_str(), d.port), ("web", 80));
         assert_eq!(
-            d.endpoint.unwrap().host_id,
+            d.endpoint.unwrap().host_id.as_ref(),
             "web-1",
             "a real address goes to that endpoint"
         );
@@ -650,12 +789,9 @@ pub(crate) mod tests {
     fn a_served_port_that_is_meshds_own_is_rejected() {
         let snap = snapshot(vec![
             self_entry("web-1", &["shop/web"]),
-            entry(
-                "service/shop/web",
-                Body::Service(web_service(15008, "strict")),
-            ),
+            service_entry("service/shop/web", web_service(15008, "strict")),
         ]);
-        let e = MeshState::build(&snap, &limits()).unwrap_err();
+        let e = MeshState::build(&snap, &limits(), None).unwrap_err();
         assert!(
             e.contains("target port 15008 is one of meshd's own ports"),
             "{e}"
@@ -663,20 +799,17 @@ pub(crate) mod tests {
         // A host that only calls the service does not care.
         let snap = snapshot(vec![
             self_entry("web-1", &[]),
-            entry(
-                "service/shop/web",
-                Body::Service(web_service(15008, "strict")),
-            ),
+            service_entry("service/shop/web", web_service(15008, "strict")),
         ]);
-        MeshState::build(&snap, &limits()).unwrap();
+        MeshState::build(&snap, &limits(), None).unwrap();
     }
 
     #[test]
     fn structural_problems_are_named() {
         let mut bad = web_service(8080, "strict");
         bad.endpoints[0].address = "not-an-ip".into();
-        let snap = snapshot(vec![entry("service/shop/web", Body::Service(bad))]);
-        let e = MeshState::build(&snap, &limits()).unwrap_err();
+        let snap = snapshot(vec![service_entry("service/shop/web", bad)]);
+        let e = MeshState::build(&snap, &limits(), None).unwrap_err();
         assert!(
             e.contains("service/shop/web: endpoints[0]: address \"not-an-ip\""),
             "{e}"
@@ -686,22 +819,78 @@ pub(crate) mod tests {
         outside.vips = vec!["10.9.9.9".into()];
         let snap = snapshot(vec![
             self_entry("web-1", &[]),
-            entry("service/shop/web", Body::Service(outside)),
+            service_entry("service/shop/web", outside),
         ]);
         assert!(
-            MeshState::build(&snap, &limits())
+            MeshState::build(&snap, &limits(), None)
                 .unwrap_err()
                 .contains("outside the mesh's VIP ranges")
         );
 
         let snap = snapshot(vec![self_entry("other-host", &[])]);
         assert!(
-            MeshState::build(&snap, &limits())
+            MeshState::build(&snap, &limits(), None)
                 .unwrap_err()
                 .contains("is for host \"other-host\"")
         );
 
-        let snap = snapshot(vec![entry("route/shop/r", Body::RouteJson("{}".into()))]);
-        assert!(MeshState::build(&snap, &limits()).is_err());
+        let snap = snapshot(vec![make_entry(
+            "route/shop/r",
+            EntryKind::Route,
+            &b"{}"[..],
+        )]);
+        assert!(MeshState::build(&snap, &limits(), None).is_err());
+    }
+
+    #[test]
+    fn unchanged_services_are_reused_and_changed_ones_rebuilt() {
+        let mut other = web_service(8080, "strict");
+        other.name = "api".into();
+        other.vips = vec!["240.240.0.11".into()];
+        let first = snapshot(vec![
+            self_entry("web-1", &[]),
+            service_entry("service/shop/web", web_service(8080, "strict")),
+            service_entry("service/shop/api", other.clone()),
+        ]);
+        let a = MeshState::build(&first, &limits(), None).unwrap();
+        other.endpoints[0].healthy_ports = vec![];
+        let second = snapshot(vec![
+            self_entry("web-1", &[]),
+            service_entry("service/shop/web", web_service(8080, "strict")),
+            service_entry("service/shop/api", other),
+        ]);
+        let b = MeshState::build(&second, &limits(), Some(&a)).unwrap();
+        let key = |n: &str| ("shop".to_string(), n.to_string());
+        assert!(
+            Arc::ptr_eq(&a.services[&key("web")], &b.services[&key("web")]),
+            "unchanged: the same state"
+        );
+        assert!(
+            !Arc::ptr_eq(&a.services[&key("api")], &b.services[&key("api")]),
+            "changed: decoded again"
+        );
+        assert!(
+            b.services[&key("api")].endpoints[0]
+                .healthy_ports()
+                .is_empty()
+        );
+        assert!(a.services[&key("api")].endpoints[0].is_healthy(8080));
+    }
+
+    #[test]
+    fn endpoints_of_one_group_share_identity_and_labels() {
+        let mut svc = web_service(8080, "strict");
+        let mut second = svc.endpoints[0].clone();
+        second.host_id = "web-2".into();
+        second.address = "10.0.0.3".into();
+        svc.endpoints.push(second);
+        let st = MeshState::build(
+            &snapshot(vec![service_entry("service/shop/web", svc)]),
+            &limits(),
+            None,
+        )
+        .unwrap();
+        let eps = &st.services[&("shop".to_string(), "web".to_string())].endpoints;
+        assert!(Arc::ptr_eq(&eps[0].group, &eps[1].group));
     }
 }

@@ -1,11 +1,14 @@
-//! The config a host holds: named entries from the controller, with a
-//! version. Applying an increment is a pure function; the result is checked
-//! (see [`super::MeshState::build`]) before it replaces the last good one.
+//! The config a host holds: named entries from the controller, kept encoded
+//! (a few hundred bytes per endpoint), with a version. Applying an
+//! increment is a pure function; the result is checked (see
+//! [`super::MeshState::build`]) before it replaces the last good one.
 
 use std::collections::BTreeMap;
 
+use hostmesh_api::entry::check_entry;
 use hostmesh_api::proto::{ConfigEntry, ConfigUpdate};
 use prost::Message;
+use prost::bytes::Bytes;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
@@ -21,21 +24,14 @@ pub enum SnapshotError {
     Decode(String),
 }
 
-/// Same as the controller's: hex of the first 8 bytes of SHA-256.
-pub fn content_hash(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    hex::encode(&d.as_ref()[..8])
-}
-
 impl Snapshot {
-    /// The snapshot `update` turns this one into. Entries are checked
-    /// against their hashes, so corruption or a controller bug is caught
-    /// before anything is used.
-    pub fn apply(&self, update: &ConfigUpdate) -> Result<Snapshot, SnapshotError> {
-        let bad = |message: String| SnapshotError::BadUpdate {
-            version: update.version,
-            message,
-        };
+    /// The snapshot `update` turns this one into. Every entry is checked
+    /// against its hash and kind, so corruption or a controller bug is
+    /// caught before anything is used. Entries move out of the update; the
+    /// bodies are shared, not copied.
+    pub fn apply(&self, update: ConfigUpdate) -> Result<Snapshot, SnapshotError> {
+        let version = update.version;
+        let bad = |message: String| SnapshotError::BadUpdate { version, message };
         let mut entries = if update.full {
             BTreeMap::new()
         } else {
@@ -48,25 +44,11 @@ impl Snapshot {
                 )));
             }
         }
-        for e in &update.upserts {
-            if e.name.is_empty() {
-                return Err(bad("an entry has no name".to_string()));
-            }
-            let mut unhashed = e.clone();
-            unhashed.hash.clear();
-            let want = content_hash(&unhashed.encode_to_vec());
-            if want != e.hash {
-                return Err(bad(format!("entry {:?} does not match its hash", e.name)));
-            }
-            if e.body.is_none() {
-                return Err(bad(format!("entry {:?} has no body", e.name)));
-            }
-            entries.insert(e.name.clone(), e.clone());
+        for e in update.upserts {
+            check_entry(&e).map_err(bad)?;
+            entries.insert(e.name.clone(), e);
         }
-        Ok(Snapshot {
-            version: update.version,
-            entries,
-        })
+        Ok(Snapshot { version, entries })
     }
 
     pub fn hashes(&self) -> BTreeMap<String, String> {
@@ -87,11 +69,13 @@ impl Snapshot {
         .encode_to_vec()
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    /// Decodes what [`Snapshot::encode`] wrote. The entries' bodies are
+    /// slices of `bytes`, not copies.
+    pub fn decode(bytes: Bytes) -> Result<Snapshot, SnapshotError> {
         let update =
             ConfigUpdate::decode(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
         Snapshot::default()
-            .apply(&update)
+            .apply(update)
             .map_err(|e| SnapshotError::Decode(e.to_string()))
     }
 }
@@ -99,27 +83,22 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hostmesh_api::proto::TrustBundle;
-    use hostmesh_api::proto::config_entry::Body;
+    use hostmesh_api::entry::make_entry;
+    use hostmesh_api::proto::{EntryKind, TrustBundle};
 
     pub(crate) fn entry(name: &str, roots: &str) -> ConfigEntry {
-        let mut e = ConfigEntry {
-            name: name.to_string(),
-            hash: String::new(),
-            body: Some(Body::Bundle(TrustBundle {
-                trust_domain: "td".into(),
-                roots_pem: roots.into(),
-            })),
+        let body = TrustBundle {
+            trust_domain: "td".into(),
+            roots_pem: roots.into(),
         };
-        e.hash = content_hash(&e.encode_to_vec());
-        e
+        make_entry(name, EntryKind::Bundle, body.encode_to_vec())
     }
 
     #[test]
     fn increments_apply_and_round_trip() {
         let s0 = Snapshot::default();
         let s1 = s0
-            .apply(&ConfigUpdate {
+            .apply(ConfigUpdate {
                 version: 5,
                 full: true,
                 upserts: vec![entry("a", "1"), entry("b", "2")],
@@ -127,7 +106,7 @@ mod tests {
             })
             .unwrap();
         let s2 = s1
-            .apply(&ConfigUpdate {
+            .apply(ConfigUpdate {
                 version: 6,
                 full: false,
                 upserts: vec![entry("a", "3")],
@@ -136,7 +115,7 @@ mod tests {
             .unwrap();
         assert_eq!(s2.version, 6);
         assert_eq!(s2.entries.keys().collect::<Vec<_>>(), vec!["a"]);
-        assert_eq!(Snapshot::decode(&s2.encode()).unwrap(), s2);
+        assert_eq!(Snapshot::decode(Bytes::from(s2.encode())).unwrap(), s2);
     }
 
     #[test]
@@ -144,7 +123,7 @@ mod tests {
         let mut tampered = entry("a", "1");
         tampered.hash = "0000".into();
         let e = Snapshot::default()
-            .apply(&ConfigUpdate {
+            .apply(ConfigUpdate {
                 version: 1,
                 full: false,
                 upserts: vec![tampered],
@@ -153,7 +132,7 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("does not match its hash"), "{e}");
         let e = Snapshot::default()
-            .apply(&ConfigUpdate {
+            .apply(ConfigUpdate {
                 version: 2,
                 full: false,
                 upserts: vec![],

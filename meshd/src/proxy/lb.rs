@@ -99,7 +99,7 @@ impl Balancer {
     ) -> Option<(Arc<EndpointState>, Arc<EndpointStats>)> {
         let untried: Vec<&Arc<EndpointState>> = endpoints
             .iter()
-            .filter(|e| !tried.contains(&e.host_id))
+            .filter(|e| !tried.iter().any(|t| t.as_str() == &*e.host_id))
             .collect();
         if untried.is_empty() {
             return None;
@@ -172,7 +172,7 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use crate::mesh::EndpointGroup;
 
     fn ep(host: &str, healthy: bool) -> Arc<EndpointState> {
         Arc::new(EndpointState {
@@ -180,9 +180,12 @@ mod tests {
             address: "10.0.0.1".parse().unwrap(),
             tunnel_port: 15008,
             quic: false,
-            identity: "spiffe://td/ns/a/sa/b".parse().unwrap(),
-            labels: BTreeMap::new(),
-            healthy_ports: if healthy { vec![80] } else { vec![] },
+            group: Arc::new(EndpointGroup {
+                identity: Arc::new("spiffe://td/ns/a/sa/b".parse().unwrap()),
+                labels: Arc::from(Vec::new()),
+                targets: Arc::from(vec![80u16]),
+            }),
+            healthy: u64::from(healthy),
         })
     }
 
@@ -204,7 +207,7 @@ mod tests {
         let _held: Vec<_> = (0..5).map(|_| Balancer::begin(&busy)).collect();
         for _ in 0..20 {
             let (e, _) = b.pick(&eps, 80, &[], 0, counter()).unwrap();
-            assert_eq!(e.host_id, "b");
+            assert_eq!(e.host_id.as_ref(), "b");
         }
     }
 
@@ -214,11 +217,22 @@ mod tests {
         let eps = vec![ep("a", false), ep("b", true)];
         let mut rnd = counter();
         for _ in 0..20 {
-            assert_eq!(b.pick(&eps, 80, &[], 0, &mut rnd).unwrap().0.host_id, "b");
+            assert_eq!(
+                b.pick(&eps, 80, &[], 0, &mut rnd)
+                    .unwrap()
+                    .0
+                    .host_id
+                    .as_ref(),
+                "b"
+            );
         }
         let sick = vec![ep("a", false)];
         assert_eq!(
-            b.pick(&sick, 80, &[], 0, counter()).unwrap().0.host_id,
+            b.pick(&sick, 80, &[], 0, counter())
+                .unwrap()
+                .0
+                .host_id
+                .as_ref(),
             "a",
             "panic mode"
         );
@@ -253,7 +267,11 @@ mod tests {
         let eps = vec![ep("a", true), ep("b", true)];
         for _ in 0..10 {
             assert_eq!(
-                b.pick(&eps, 80, &[], 30_000, counter()).unwrap().0.host_id,
+                b.pick(&eps, 80, &[], 30_000, counter())
+                    .unwrap()
+                    .0
+                    .host_id
+                    .as_ref(),
                 "b"
             );
         }

@@ -135,11 +135,11 @@ impl Outbound {
             let Some((endpoint, stats)) = picked else {
                 break;
             };
-            tried.push(endpoint.host_id.clone());
+            tried.push(endpoint.host_id.to_string());
             let outstanding = Balancer::begin(&stats);
             let key = PeerKey {
                 addr: endpoint.tunnel_addr(),
-                identity: endpoint.identity.clone(),
+                identity: endpoint.identity().clone(),
             };
             let authority = SocketAddr::new(endpoint.address, target).to_string();
             match self
@@ -199,7 +199,7 @@ impl Outbound {
         let labels = ConnLabels {
             direction: "outbound",
             service: svc_name.clone(),
-            peer: endpoint.identity.to_string(),
+            peer: endpoint.identity().to_string(),
         };
         self.metrics.opened.get_or_create(&labels).inc();
         let active = self.metrics.active.get_or_create_owned(&DirectionLabels {
@@ -233,7 +233,7 @@ impl Outbound {
             service: &svc_name,
             endpoint: &format!("{}:{target}", endpoint.address),
             src_identity: &self.me.to_string(),
-            dst_identity: &endpoint.identity.to_string(),
+            dst_identity: &endpoint.identity().to_string(),
             transport,
             sent,
             received,

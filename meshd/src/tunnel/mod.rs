@@ -44,7 +44,7 @@ pub const ALPN_HBONE: &[u8] = b"h2";
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerKey {
     pub addr: SocketAddr,
-    pub identity: SpiffeId,
+    pub identity: Arc<SpiffeId>,
 }
 
 /// Whose fault a failure was and whether another try may help; becomes a

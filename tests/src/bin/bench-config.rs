@@ -72,8 +72,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use futures::StreamExt;
 use hostmesh_api::connect;
+use hostmesh_api::entry::make_entry;
 use hostmesh_api::pki;
-use hostmesh_api::proto::config_entry::Body;
 use hostmesh_api::proto::hosts_client::HostsClient;
 use hostmesh_api::proto::identity_client::IdentityClient;
 use hostmesh_api::proto::operator_client::OperatorClient;
@@ -86,12 +86,12 @@ use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::{self, SwappableCert, TrustBundle};
 use hostmesh_controller::admin_conf::AdminCredential;
 use hostmesh_controller::keys::Keys;
-use hostmesh_controller::snapshot::entry;
 use hostmesh_meshd::identity::join::{JoinArgs, JoinOutcome, join};
 use hostmesh_meshd::identity::store::{HostRecord, SNAPSHOT_FILE, StateDir};
 use hostmesh_meshd::mesh::{HostLimits, MeshState, Snapshot};
 use hostmesh_registry::EventKind;
 use hostmesh_tests::{ControllerProc, EtcdCluster, Lab, Proc};
+use prost::Message as _;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -1114,7 +1114,7 @@ async fn session_inner(
                     controller_message::Msg::Update(update) => {
                         let at = Instant::now();
                         for e in update.upserts.iter().filter(|e| e.name == WEB_ENTRY) {
-                            if let Some(Body::Service(svc)) = &e.body {
+                            if let Ok(svc) = ServiceConfig::decode(e.body.clone()) {
                                 for ep in &svc.endpoints {
                                     if seen.insert(ep.host_id.clone()) {
                                         let _ = events.send(Event::Saw { stream, host: ep.host_id.clone(), at });
@@ -1122,14 +1122,15 @@ async fn session_inner(
                                 }
                             }
                         }
-                        let reply = match snapshot.apply(&update) {
+                        let version = update.version;
+                        let reply = match snapshot.apply(update) {
                             Ok(next) => {
                                 snapshot = next;
-                                host_message::Msg::Ack(Ack { version: update.version })
+                                host_message::Msg::Ack(Ack { version })
                             }
                             Err(e) => {
-                                let _ = events.send(Event::Failed { stream, error: format!("update {} refused: {e}", update.version) });
-                                host_message::Msg::Nack(Nack { version: update.version, reason: e.to_string() })
+                                let _ = events.send(Event::Failed { stream, error: format!("update {version} refused: {e}") });
+                                host_message::Msg::Nack(Nack { version, reason: e.to_string() })
                             }
                         };
                         tx.send(HostMessage { msg: Some(reply) }).await.map_err(|_| anyhow!("the request stream closed"))?;
@@ -1181,9 +1182,10 @@ fn big_snapshot(
     let mut add = |e: proto::ConfigEntry| {
         entries.insert(e.name.clone(), e);
     };
-    add(entry(
-        "self".to_string(),
-        Body::SelfConfig(SelfConfig {
+    add(make_entry(
+        "self",
+        proto::EntryKind::SelfConfig,
+        SelfConfig {
             host_id: record.host_id.clone(),
             namespace: record.namespace.clone(),
             group: record.group.clone(),
@@ -1194,14 +1196,17 @@ fn big_snapshot(
             vip_ranges: vec!["240.240.0.0/16".to_string(), "fd00:240::/96".to_string()],
             health_checks: Vec::new(),
             transport: String::new(),
-        }),
+        }
+        .encode_to_vec(),
     ));
-    add(entry(
-        "bundle".to_string(),
-        Body::Bundle(proto::TrustBundle {
+    add(make_entry(
+        "bundle",
+        proto::EntryKind::Bundle,
+        proto::TrustBundle {
             trust_domain: td.clone(),
             roots_pem: bundle_pem.to_string(),
-        }),
+        }
+        .encode_to_vec(),
     ));
     for s in 0..services {
         let name = format!("svc-{s:05}");
@@ -1225,9 +1230,10 @@ fn big_snapshot(
             })
             .collect();
         let vip = Ipv4Addr::from(0xf0f0_0000 + s as u32 + 1);
-        add(entry(
+        add(make_entry(
             format!("service/bench/{name}"),
-            Body::Service(ServiceConfig {
+            proto::EntryKind::Service,
+            ServiceConfig {
                 namespace: "bench".to_string(),
                 name: name.clone(),
                 vips: vec![vip.to_string()],
@@ -1239,7 +1245,8 @@ fn big_snapshot(
                 }],
                 mtls: "strict".to_string(),
                 endpoints,
-            }),
+            }
+            .encode_to_vec(),
         ));
     }
     Snapshot {
@@ -1443,20 +1450,20 @@ async fn run_meshd_captured(config: &str) -> anyhow::Result<(MeshdRun, usize)> {
 const MEASURE_FLAG: &str = "--measure-snapshot";
 
 fn measure_snapshot(args: &[String]) -> anyhow::Result<String> {
-    use prost::Message as _;
     let [path, host_id, trust_domain] = args else {
         bail!("usage: {MEASURE_FLAG} SNAPSHOT_FILE HOST_ID TRUST_DOMAIN");
     };
     let pid = std::process::id();
     let rss = || proc_status_bytes(pid, "VmRSS");
     let start = rss()?;
-    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    let bytes =
+        prost::bytes::Bytes::from(std::fs::read(path).with_context(|| format!("reading {path}"))?);
     let read = rss()?;
-    let update = proto::ConfigUpdate::decode(bytes.as_slice())
-        .with_context(|| format!("decoding {path}"))?;
+    let update =
+        proto::ConfigUpdate::decode(bytes.clone()).with_context(|| format!("decoding {path}"))?;
     let decoded = rss()?;
     let snapshot = Snapshot::default()
-        .apply(&update)
+        .apply(update)
         .map_err(|e| anyhow!("{path}: {e}"))?;
     let applied = rss()?;
     let limits = HostLimits {
@@ -1464,10 +1471,10 @@ fn measure_snapshot(args: &[String]) -> anyhow::Result<String> {
         trust_domain: trust_domain.clone(),
         own_ports: vec![15000, 15001, 15008, 15053],
     };
-    let state = MeshState::build(&snapshot, &limits).map_err(|e| anyhow!("{path}: {e}"))?;
+    let state = MeshState::build(&snapshot, &limits, None).map_err(|e| anyhow!("{path}: {e}"))?;
     let built = rss()?;
     let endpoints: usize = state.services.values().map(|s| s.endpoints.len()).sum();
-    drop((bytes, update));
+    drop(bytes);
     let kept = rss()?;
     drop((snapshot, state));
     Ok(format!(
@@ -1656,17 +1663,17 @@ fn print_report(o: &Options, r: &Report, took: Duration) {
     println!("| step | growth | per endpoint | held by meshd after start |");
     println!("|---|---:|---:|---|");
     println!(
-        "| read snapshot.pb | {} | {:.0} B | no |",
+        "| read snapshot.pb | {} | {:.0} B | yes: the entries' bodies are slices of this buffer (written back to disk after each update) |",
         mib(c.file as f64),
         per_endpoint(c.file)
     );
     println!(
-        "| decode into a ConfigUpdate | {} | {:.0} B | no (dropped after apply) |",
+        "| decode into a ConfigUpdate (entry names and hashes) | {} | {:.0} B | yes: the entries move into the Snapshot |",
         mib(c.decoded as f64),
         per_endpoint(c.decoded)
     );
     println!(
-        "| apply into a Snapshot (proto entries) | {} | {:.0} B | yes |",
+        "| apply into a Snapshot (the map of entries by name) | {} | {:.0} B | yes |",
         mib(c.snapshot as f64),
         per_endpoint(c.snapshot)
     );

@@ -484,6 +484,7 @@ fn run(o: &Options) {
                 Err(config.to_string())
             }
         });
+        m.wait_capture_current(h);
     }
     let vips: BTreeMap<String, String> = m.config(CLIENT)["services"]
         .as_array()

@@ -171,6 +171,7 @@ fn main() {
                 }
             },
         );
+        m.wait_capture_current(CLIENT);
         show(&m.meshctl_ok(&["status"]));
 
         step(
