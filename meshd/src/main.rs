@@ -216,9 +216,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     init_logging(&config);
     let mut data = tokio::runtime::Builder::new_multi_thread();
     data.enable_all().thread_name("meshd-data");
-    if config.proxy.worker_threads > 0 {
-        data.worker_threads(config.proxy.worker_threads);
-    }
+    data.worker_threads(config.proxy.data_workers());
     let data = data
         .build()
         .map_err(|e| format!("starting the data runtime: {e}"))?;

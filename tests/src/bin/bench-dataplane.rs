@@ -41,7 +41,7 @@ const CLIENT_QUIC: usize = 3;
 
 struct Options {
     seconds: u64,
-    /// meshd's data-plane worker threads (0: one per core).
+    /// meshd's data-plane worker threads (0: meshd's default, half the cores).
     workers: usize,
     oha: PathBuf,
     out_dir: PathBuf,
@@ -97,6 +97,12 @@ fn main() {
             }
             "--seconds" => {
                 o.seconds = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--workers" => {
+                o.workers = it
                     .next()
                     .and_then(|s| s.parse().ok())
                     .unwrap_or_else(|| usage())
