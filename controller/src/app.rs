@@ -49,6 +49,8 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// "hostname/pid", recorded in host live records.
     pub replica: String,
+    /// When this replica started: the origin of `hosts.startup_hold`.
+    pub started: tokio::time::Instant,
 }
 
 impl Shared {
@@ -145,6 +147,7 @@ impl Controller {
             snapshots: SnapshotCache::default(),
             shutdown: shutdown_rx.clone(),
             replica: format!("{}/{}", hostname(), std::process::id()),
+            started: tokio::time::Instant::now(),
         });
 
         // The controller's own certificate and the admin credential.

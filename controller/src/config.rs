@@ -145,12 +145,20 @@ pub struct HostsConfig {
     /// A host leaves every service's endpoints this long after its last
     /// heartbeat.
     pub lease_ttl: Dur,
+    /// After this replica starts, hosts that already hold a config get no
+    /// update until every joined host has reconnected or this long has
+    /// passed. After a control-plane outage longer than `lease_ttl` the
+    /// hosts' live records are gone; pushing before they return would take
+    /// healthy endpoints out of everyone's config. The default is the lease
+    /// TTL plus meshd's longest reconnect backoff (30 s). `0s` turns it off.
+    pub startup_hold: Dur,
 }
 
 impl Default for HostsConfig {
     fn default() -> Self {
         HostsConfig {
             lease_ttl: Dur::from_secs(15),
+            startup_hold: Dur::from_secs(45),
         }
     }
 }
@@ -343,6 +351,12 @@ impl ControllerConfig {
                 format!("{} is outside 3s..10m", self.hosts.lease_ttl),
             ));
         }
+        if self.hosts.startup_hold.get() > Duration::from_secs(600) {
+            return Err(invalid(
+                "hosts.startup_hold",
+                format!("{} is more than 10m", self.hosts.startup_hold),
+            ));
+        }
         if self.join.max_failures == 0 {
             return Err(invalid("join.max_failures", "must be at least 1"));
         }
@@ -401,6 +415,7 @@ mod tests {
                 "ca.workload_cert_ttl: 1m is outside",
             ),
             ("[hosts]\nlease_ttl = \"1s\"", "hosts.lease_ttl:"),
+            ("[hosts]\nstartup_hold = \"11m\"", "hosts.startup_hold:"),
             ("store = \"mysql://x\"", "store:"),
             ("[ca]\ncert_file = \"/x\"", "ca.cert_file:"),
         ];

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub renewals: Family<ResultLabels, Counter>,
     pub applies: Family<ResultLabels, Counter>,
     pub state_revision: Gauge,
+    /// Sessions whose pushes waited for the startup hold.
+    pub startup_holds: Counter,
 }
 
 impl Metrics {
@@ -40,6 +42,7 @@ impl Metrics {
             renewals: Family::default(),
             applies: Family::default(),
             state_revision: Gauge::default(),
+            startup_holds: Counter::default(),
         };
         registry.register(
             "host_sessions",
@@ -73,6 +76,11 @@ impl Metrics {
             "state_revision",
             "Store revision this replica has seen",
             m.state_revision.clone(),
+        );
+        registry.register(
+            "startup_holds",
+            "Host sessions whose updates waited for the startup hold (hosts.startup_hold)",
+            m.startup_holds.clone(),
         );
         m
     }

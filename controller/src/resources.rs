@@ -155,7 +155,17 @@ impl Resources {
         ordered.sort_by_key(|r| r.kind());
         // Reference checks see the whole apply, before anything is written.
         self.check_references(&ordered).await?;
-        for chunk in chunk_for_txn(ordered) {
+        let chunks = chunk_for_txn(ordered);
+        if chunks.len() > 1 && !dry_run {
+            // An apply larger than one transaction is planned whole first,
+            // so that what planning can refuse (a VIP taken by a Service
+            // outside the apply, two documents asking for one VIP, a stale
+            // metadata.revision) is refused before the first chunk is
+            // written. What remains is a concurrent writer changing the
+            // store between chunks; see docs/RESOURCES.md.
+            self.plan(&chunks.concat()).await?;
+        }
+        for chunk in chunks {
             let (mut done, rev) = self.apply_chunk(chunk, dry_run).await?;
             revision = revision.max(rev);
             applied.append(&mut done);
@@ -666,6 +676,33 @@ mod tests {
         let (applied, _) = res.apply(docs, false).await.unwrap();
         let vips: HashSet<String> = applied.iter().map(|a| vip_of(&a.resource)).collect();
         assert_eq!(vips.len(), 60);
+    }
+
+    #[tokio::test]
+    async fn a_large_apply_whose_last_service_asks_for_a_taken_vip_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = resources(dir.path());
+        let (applied, _) = res.apply(vec![svc("owner", "")], false).await.unwrap();
+        let taken = vip_of(&applied[0].resource);
+        // 40 Services: three transactions' worth; the last one collides.
+        let mut docs: Vec<Resource> = (0..39).map(|i| svc(&format!("s{i:02}"), "")).collect();
+        docs.push(svc("zz-last", &format!(", vip: {taken}")));
+        let e = res.apply(docs, false).await.unwrap_err().to_string();
+        assert!(
+            e.contains("Service shop/zz-last: spec.vip") && e.contains("already allocated"),
+            "{e}"
+        );
+        let (stored, _) = res.list(Kind::Service, None).await.unwrap();
+        assert_eq!(stored.len(), 1, "only the earlier Service: {stored:?}");
+
+        // Two documents of one large apply asking for the same VIP.
+        let mut docs: Vec<Resource> = (0..30).map(|i| svc(&format!("t{i:02}"), "")).collect();
+        docs.push(svc("dup-a", ", vip: 240.240.9.9"));
+        docs.push(svc("dup-b", ", vip: 240.240.9.9"));
+        let e = res.apply(docs, false).await.unwrap_err().to_string();
+        assert!(e.contains("240.240.9.9 is already allocated"), "{e}");
+        let (stored, _) = res.list(Kind::Service, None).await.unwrap();
+        assert_eq!(stored.len(), 1);
     }
 
     #[tokio::test]

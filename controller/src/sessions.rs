@@ -15,6 +15,14 @@
 //!   next one. A rejected snapshot is not re-sent until something changes.
 //! - The version of an update is the store revision it was computed from,
 //!   so versions from different replicas are comparable.
+//! - Startup hold: for `hosts.startup_hold` after a replica starts, and only
+//!   while some joined host has no live record, a host that already holds a
+//!   config gets no update ([`startup_hold`]). After a control-plane outage
+//!   longer than the lease TTL every live record is gone; the hosts
+//!   reconnect over up to 30 s of jittered backoff, and pushing to the first
+//!   ones would remove the endpoints of those still to come. Hosts keep
+//!   serving what they hold meanwhile (static stability); a host with no
+//!   config is served at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -130,6 +138,27 @@ fn digest_of(entries: &BTreeMap<String, Arc<ConfigEntry>>) -> String {
 /// Limits on what a host may report about itself.
 const MAX_PORTS: usize = 256;
 const MAX_TEXT: usize = 256;
+/// Until when a session of a host that already holds a config waits before
+/// its first push after this replica started: the end of the hold, while it
+/// lasts and some joined host has not come back; `None` once every joined
+/// host has a live record or the hold is over. Pure: the caller passes the
+/// clock.
+pub fn startup_hold<I: PartialOrd + Copy>(
+    now: I,
+    hold_ends: I,
+    host_holds_config: bool,
+    state: &ClusterState,
+) -> Option<I> {
+    if !host_holds_config || now >= hold_ends {
+        return None;
+    }
+    let missing = state
+        .workloads
+        .keys()
+        .any(|host| !state.live.contains_key(host));
+    missing.then_some(hold_ends)
+}
+
 const MAX_HELD_ENTRIES: usize = 1_000_000;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -339,6 +368,8 @@ pub async fn run(
     let mut changed_since = Some(Instant::now());
     let mut deadline = tokio::time::Instant::now() + ttl;
     let mut revoke_on_exit = false;
+    let hold_ends = shared.started + shared.config.hosts.startup_hold.get();
+    let mut holding: Option<tokio::time::Instant> = None;
     let end: Option<Status> = loop {
         // Push when nothing is in flight and the target differs.
         if in_flight.is_none() {
@@ -373,7 +404,26 @@ pub async fn run(
                     tracing::warn!(host = %ctx.host_id, error = %e, "clearing a rejection failed");
                 }
             }
-            if changed && rejected_digest.as_deref() != Some(digest.as_str()) || first_push {
+            let was_holding = holding.is_some();
+            holding = startup_hold(
+                tokio::time::Instant::now(),
+                hold_ends,
+                !hello.entries.is_empty(),
+                &state,
+            );
+            match (was_holding, holding) {
+                (false, Some(until)) => {
+                    tracing::info!(host = %ctx.host_id, hold_s = until.saturating_duration_since(tokio::time::Instant::now()).as_secs(), "startup hold: not all joined hosts are back; the host keeps its config until they are");
+                    shared.metrics.startup_holds.inc();
+                }
+                (true, None) => {
+                    tracing::info!(host = %ctx.host_id, "startup hold over; pushing");
+                }
+                _ => {}
+            }
+            if holding.is_none()
+                && (changed && rejected_digest.as_deref() != Some(digest.as_str()) || first_push)
+            {
                 let full = first_push && hello.entries.is_empty();
                 let version = u64::try_from(state.revision).unwrap_or(0);
                 let kind = if full { "full" } else { "increment" };
@@ -485,6 +535,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(deadline) => {
                 break Some(Status::deadline_exceeded("no heartbeat within the lease TTL"));
             }
+            _ = tokio::time::sleep_until(holding.unwrap_or(deadline)), if holding.is_some() => {}
             _ = wait_true(&mut shutdown) => {
                 break Some(Status::unavailable("controller shutting down; reconnect"));
             }
@@ -674,4 +725,65 @@ pub async fn status(shared: &Shared) -> Result<(Vec<HostState>, Revision), Store
         });
     }
     Ok((hosts, revision))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hostmesh_api::document::parse_documents;
+    use hostmesh_api::resource::Resource;
+
+    fn with_hosts(joined: &[&str], live: &[&str]) -> ClusterState {
+        let mut st = ClusterState::default();
+        for host in joined {
+            let text = format!(
+                "apiVersion: hostmesh/v1\nkind: Workload\nmetadata: {{name: {host}, namespace: shop}}\nspec: {{group: web, identity: 'spiffe://hostmesh.local/ns/shop/sa/web', joinedAt: x}}\n"
+            );
+            let Resource::Workload(w) = parse_documents(&text).unwrap().remove(0) else {
+                unreachable!()
+            };
+            st.workloads.insert(host.to_string(), Arc::new(w));
+        }
+        for host in live {
+            st.live.insert(
+                host.to_string(),
+                Arc::new(LiveRecord {
+                    host_id: host.to_string(),
+                    ..LiveRecord::default()
+                }),
+            );
+        }
+        st
+    }
+
+    #[test]
+    fn a_host_holding_config_waits_while_joined_hosts_are_missing() {
+        let st = with_hosts(&["a", "b", "c"], &["a"]);
+        assert_eq!(startup_hold(10u64, 45, true, &st), Some(45));
+    }
+
+    #[test]
+    fn the_hold_ends_when_every_joined_host_is_back() {
+        let st = with_hosts(&["a", "b", "c"], &["a", "b", "c"]);
+        assert_eq!(startup_hold(10u64, 45, true, &st), None);
+    }
+
+    #[test]
+    fn the_hold_ends_at_its_deadline_even_with_hosts_missing() {
+        let st = with_hosts(&["a", "b", "c"], &["a"]);
+        assert_eq!(startup_hold(45u64, 45, true, &st), None);
+        assert_eq!(startup_hold(46u64, 45, true, &st), None);
+    }
+
+    #[test]
+    fn a_host_without_config_is_served_at_once() {
+        let st = with_hosts(&["a", "b", "c"], &[]);
+        assert_eq!(startup_hold(0u64, 45, false, &st), None);
+    }
+
+    #[test]
+    fn a_zero_hold_holds_nothing() {
+        let st = with_hosts(&["a", "b"], &[]);
+        assert_eq!(startup_hold(0u64, 0, true, &st), None);
+    }
 }

@@ -29,6 +29,7 @@ enum Command {
         /// HOSTMESH_JOIN_TOKEN).
         #[arg(long, conflicts_with = "token_file")]
         token: Option<String>,
+        /// A file holding the join token; `-` reads it from standard input.
         #[arg(long)]
         token_file: Option<PathBuf>,
         /// sha256:HEX of the controller's CA, as `meshctl token create`
@@ -156,8 +157,12 @@ fn run_join(
     let token = match (token, token_file) {
         (Some(t), _) => t,
         (None, Some(f)) => {
-            let t = std::fs::read_to_string(&f)
-                .map_err(|e| format!("reading join token from {}: {e}", f.display()))?;
+            let read = if f.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+            } else {
+                std::fs::read_to_string(&f)
+            };
+            let t = read.map_err(|e| format!("reading join token from {}: {e}", f.display()))?;
             if t.trim().is_empty() {
                 return Err(format!(
                     "reading join token from {}: file is empty",

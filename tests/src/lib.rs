@@ -155,6 +155,20 @@ impl Proc {
         &self.log
     }
 
+    /// Whether the process still runs, without reaping it: false once it
+    /// has exited (a zombie) or was reaped.
+    pub fn alive(&self) -> bool {
+        let Some(c) = &self.child else { return false };
+        match fs::read_to_string(format!("/proc/{}/stat", c.id())) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
+            Err(_) => false,
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => matches!(c.try_wait(), Ok(None)),

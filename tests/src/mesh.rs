@@ -393,8 +393,14 @@ impl MeshLab {
                 let log = p.log();
                 let tail: Vec<&str> = log.lines().rev().take(60).collect();
                 s.push_str(&format!(
-                    "==== meshd{i} (last 60 lines)\n{}\n",
+                    "==== meshd{i} (last 60 lines; running: {})\n{}\n",
+                    p.alive(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+                let net = self.lab.sh(i, "ip route; ip -6 route; ss -ltnu");
+                s.push_str(&format!(
+                    "==== host {i}: routes and listeners\n{}\n",
+                    String::from_utf8_lossy(&net.stdout)
                 ));
             }
         }

@@ -174,7 +174,32 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
         },
     );
 
-    // Stopping the controller changes no host's config.
+    // Stopping the controller changes no host's config. (First everything
+    // settles: the restarted endpoint's health arrives in a heartbeat after
+    // its Hello, and that push must land before the snapshot is taken.)
+    m.eventually(
+        "every host in sync with both endpoints healthy",
+        Duration::from_secs(20),
+        || {
+            let st = m.status();
+            let in_sync = st["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
+                .count();
+            let healthy = healthy_endpoints(&m.config(3));
+            if in_sync == 3 && healthy == 2 {
+                Ok(())
+            } else {
+                Err(format!("{in_sync} in sync, {healthy} healthy: {st:#}"))
+            }
+        },
+    );
+    let pushes_before = controller_metric(
+        &m,
+        "hostmesh_controller_config_pushes_total{result=\"full\"}",
+    );
     let before: Vec<serde_json::Value> = (1..=3).map(|h| m.config(h)).collect();
     m.kill_controller();
     std::thread::sleep(Duration::from_secs(LEASE_TTL_S + 2));
@@ -192,12 +217,22 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     let got = m.lab.sh_ok(3, "getent hosts web.shop.mesh");
     assert_eq!(got.split_whitespace().next(), Some(vip.as_str()));
 
-    // The controller comes back; hosts reconnect without a full push.
+    // The controller comes back after every lease ran out (the hosts' live
+    // records are gone). Hosts reconnect without a full push, and while they
+    // trickle back (jittered backoff) no host is told that the endpoints of
+    // those still to come are gone: the startup hold.
     m.start_controller();
     m.eventually(
         "every host reconnected and in sync",
-        Duration::from_secs(40),
+        Duration::from_secs(50),
         || {
+            let eps = m.endpoints(3, "shop", "web");
+            assert_eq!(
+                eps,
+                vec![a1.clone(), a2.clone()],
+                "the client lost an endpoint while hosts reconnected\n{}",
+                m.logs()
+            );
             let st = m.status();
             let ready = st["items"]
                 .as_array()
@@ -211,6 +246,21 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
                 Err(format!("{st:#}"))
             }
         },
+    );
+
+    assert_eq!(healthy_endpoints(&m.config(3)), 2, "both still healthy");
+    let metrics = m.lab.http_get(0, "http://127.0.0.1:15014/metrics").unwrap();
+    let full_pushes = controller_metric(
+        &m,
+        "hostmesh_controller_config_pushes_total{result=\"full\"}",
+    );
+    assert_eq!(
+        full_pushes, 0,
+        "the restarted controller sent no full snapshot (before the restart: {pushes_before}):\n{metrics}"
+    );
+    assert!(
+        controller_metric(&m, "hostmesh_controller_startup_holds_total") >= 1,
+        "some host reconnected while others were missing and was held:\n{metrics}"
     );
 
     // An update a host cannot take is rejected, the last good config keeps
@@ -234,6 +284,8 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
                         .as_str()
                         .unwrap()
                         .contains("meshd's own ports")
+                        && h["inSync"] == false
+                        && h["latestVersion"].as_u64() > h["ackedVersion"].as_u64()
                 })
             {
                 Ok(())
@@ -289,4 +341,34 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
             }
         },
     );
+}
+
+fn healthy_endpoints(config: &serde_json::Value) -> usize {
+    config["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == "web")
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| {
+            e["healthyPorts"]
+                .as_array()
+                .is_some_and(|p| p.contains(&serde_json::json!(8080)))
+        })
+        .count()
+}
+
+/// A counter or gauge from the controller's /metrics (0 when absent).
+fn controller_metric(m: &MeshLab, series: &str) -> u64 {
+    let text = m
+        .lab
+        .http_get(0, "http://127.0.0.1:15014/metrics")
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map(|v| v as u64)
+        .unwrap_or(0)
 }

@@ -427,11 +427,21 @@ fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows(transport: &str)
 #[test]
 fn quic_falls_back_to_tcp_when_udp_is_blocked() {
     let m = lab(&[1], "quic");
-    // Over QUIC while UDP flows.
-    assert_eq!(
-        m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap(),
-        "web-1"
-    );
+    // Over QUIC while UDP flows. That the first connection after the lab is
+    // ready succeeds is asserted by the tests above; here a failure of it
+    // (seen once in CI as a refused connect, not reproduced since) is
+    // reported with the lab's state and retried, since this test is about
+    // what happens after.
+    let mut first_failure_reported = false;
+    m.eventually("a first request over QUIC", Duration::from_secs(10), || {
+        m.curl(CLIENT, "http://web.shop.mesh/", 10)
+            .inspect_err(|e| {
+                if !std::mem::replace(&mut first_failure_reported, true) {
+                    eprintln!("first request failed: {e}\n{}", m.logs());
+                }
+            })
+            .and_then(|body| if body == "web-1" { Ok(()) } else { Err(body) })
+    });
     let transports = |m: &MeshLab| -> Vec<String> {
         m.meshd_log(CLIENT)
             .lines()

@@ -3,7 +3,10 @@
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::time::Duration;
 
+use hostmesh_meshd::identity::Identity;
+use hostmesh_meshd::identity::store::StateDir;
 use hostmesh_tests::{ControllerProc, EtcdCluster, bin, json, output, stderr_of, stdout_of};
 
 const EVERY_KIND: &str = r#"
@@ -289,6 +292,58 @@ fn two_replicas_over_one_etcd_store_every_service_once_with_unique_vips() {
     let ca_b = json(&b.meshctl_ok(&["ca", "list", "-o", "json"]));
     assert_eq!(ca_a, ca_b);
     assert_eq!(ca_a["items"].as_array().unwrap().len(), 1);
+
+    // One CA and one token store in practice: a token minted on a, pinning
+    // the shared root, is spent through b; the certificate b issues is then
+    // accepted by a for a renewal.
+    let group = dir.path().join("group.yaml");
+    std::fs::write(
+        &group,
+        "apiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: web, namespace: load}\nspec: {labels: {app: web}, services: [s0]}\n",
+    )
+    .unwrap();
+    a.meshctl_ok(&["apply", "-f", group.to_str().unwrap()]);
+    let minted = json(&a.meshctl_ok(&["token", "create", "--group", "load/web", "-o", "json"]));
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, minted["token"].as_str().unwrap()).unwrap();
+    let state = dir.path().join("host");
+    hostmesh_tests::eventually(
+        "a join through replica b with a's token",
+        Duration::from_secs(10),
+        || {
+            let out = output(
+                Command::new(bin("meshd"))
+                    .args(["join", "--controller", &b.url, "--token-file"])
+                    .arg(&token_file)
+                    .args(["--ca-hash", minted["caHash"].as_str().unwrap()])
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .args(["--user", "root", "--force"]),
+            );
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(stderr_of(&out))
+            }
+        },
+    );
+    let identity = Identity::load(
+        StateDir::new(&state, None),
+        hostmesh_api::clock::system(),
+        Some(a.url.clone()),
+        None,
+    )
+    .unwrap();
+    let issued_by_b = identity.cert_info().serial_hex;
+    rt.block_on(hostmesh_tests::eventually_async(
+        "a renewal through replica a with b's certificate",
+        Duration::from_secs(10),
+        || async {
+            let channel = identity.controller_channel().map_err(|e| e.to_string())?;
+            identity.renew(channel).await.map_err(|e| e.to_string())
+        },
+    ));
+    assert_ne!(identity.cert_info().serial_hex, issued_by_b);
 }
 
 #[test]

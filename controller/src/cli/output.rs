@@ -216,7 +216,7 @@ pub fn token_created(resp: &CreateTokenResponse, controller: &str, format: Forma
         Format::Table => format!(
             "Join token {} for {} (uses: {}, expires {}). The token is shown only now.\n\n\
              On the host, as root:\n\n  {join}\n\n\
-             or, to keep the token out of the process list:\n\n  \
+             or, with the token in a file of mode 0600 (out of the environment too):\n\n  \
              install -m 600 /dev/null /etc/hostmesh/join-token && echo {} > /etc/hostmesh/join-token\n  {join_file}\n\n\
              then: systemctl start meshd\n",
             info.id,

@@ -199,9 +199,7 @@ impl Control {
 
     /// Holds sessions with the controller until `shutdown`.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let base = Duration::from_millis(500);
-        let max = Duration::from_secs(30);
-        let mut backoff = base;
+        let mut backoff = Backoff::default();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -221,18 +219,12 @@ impl Control {
                 l.connected = false;
                 l.last_error = message.clone();
             });
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = base;
-            }
-            // Full jitter: anywhere in [0, backoff).
-            let wait =
-                Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64).max(1));
+            let wait = backoff.next(started.elapsed(), rand::random::<u64>());
             tracing::warn!(error = %message, retry_in_ms = wait.as_millis() as u64, "controller session ended");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = crate::drain::wait_true(&mut shutdown) => return,
             }
-            backoff = (backoff * 2).min(max);
         }
     }
 
@@ -400,5 +392,95 @@ pub async fn renew_loop(identity: Arc<Identity>, mut shutdown: watch::Receiver<b
             _ = tokio::time::sleep(wait) => {}
             _ = crate::drain::wait_true(&mut shutdown) => return,
         }
+    }
+}
+
+/// Reconnect backoff: exponential from 0.5 s to 30 s with full jitter (a
+/// wait anywhere in `[0, ceiling)`), so a fleet that lost its controller at
+/// one instant comes back spread out. A session that lasted more than 30 s
+/// starts the next backoff from the bottom. Pure: the caller passes the
+/// session's length and a random number.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    ceiling: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        let base = Duration::from_millis(500);
+        Backoff {
+            base,
+            max: Duration::from_secs(30),
+            ceiling: base,
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt, after a session that lasted
+    /// `session` ended; `random` is uniformly distributed.
+    pub fn next(&mut self, session: Duration, random: u64) -> Duration {
+        if session > self.max {
+            self.ceiling = self.base;
+        }
+        let ceiling_ms = (self.ceiling.as_millis() as u64).max(1);
+        let wait = Duration::from_millis(random % ceiling_ms);
+        self.ceiling = (self.ceiling * 2).min(self.max);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    const SHORT: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn the_ceiling_doubles_from_half_a_second_to_thirty() {
+        let mut b = Backoff::default();
+        // 239,999 % ceiling is the largest wait each ceiling allows (240,000
+        // is a multiple of every ceiling here).
+        let ceilings: Vec<u64> = (0..10)
+            .map(|_| b.next(SHORT, 239_999).as_millis() as u64 + 1)
+            .collect();
+        assert_eq!(ceilings[0], 500);
+        assert_eq!(ceilings[1], 1000);
+        assert_eq!(ceilings[5], 16000);
+        assert!(ceilings[6..].iter().all(|&c| c == 30000), "{ceilings:?}");
+    }
+
+    #[test]
+    fn waits_are_jittered_over_the_whole_range() {
+        let mut b = Backoff::default();
+        for _ in 0..6 {
+            b.next(SHORT, 0);
+        }
+        // With the ceiling at 30 s, the random number picks anywhere below.
+        let waits: Vec<Duration> = [0u64, 7_777, 29_999]
+            .iter()
+            .map(|&r| b.clone().next(SHORT, r))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                Duration::ZERO,
+                Duration::from_millis(7_777),
+                Duration::from_millis(29_999)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_session_resets_the_backoff() {
+        let mut b = Backoff::default();
+        for _ in 0..8 {
+            b.next(SHORT, 0);
+        }
+        let wait = b.next(Duration::from_secs(31), u64::MAX);
+        assert!(wait < Duration::from_millis(500), "{wait:?}");
     }
 }
