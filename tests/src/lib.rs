@@ -641,4 +641,5 @@ pub mod grpc {
     }
 }
 pub mod container;
+pub mod inproc;
 pub mod mesh;

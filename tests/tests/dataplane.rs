@@ -100,7 +100,11 @@ fn lab(web_hosts: &[usize], transport: &str) -> MeshLab {
             }
         },
     );
+    // The client's redirects, and the servers' strict-mode drops.
     m.wait_capture_current(CLIENT);
+    for &h in web_hosts {
+        m.wait_capture_current(h);
+    }
     m
 }
 

@@ -9,11 +9,9 @@ use std::time::{Duration, SystemTime};
 use hostmesh_api::clock::{ManualClock, SharedClock};
 use hostmesh_api::pki::{self, CertInfo};
 use hostmesh_api::proto::identity_client::IdentityClient;
-use hostmesh_api::proto::operator_client::OperatorClient;
 use hostmesh_api::proto::{self, JoinRequest, PrepareJoinRequest};
 use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::TrustBundle;
-use hostmesh_controller::app::Controller;
 use hostmesh_controller::config::ControllerConfig;
 use hostmesh_meshd::identity::Identity;
 use hostmesh_meshd::identity::join::{JoinArgs, JoinError, JoinOutcome, join};
@@ -22,49 +20,10 @@ use tonic::transport::Channel;
 
 const GROUPS: &str = "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 8080}]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: web, namespace: shop}\nspec: {services: [web]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: db, namespace: shop}\nspec: {identity: database}\n";
 
-struct Mesh {
-    ctl: Controller,
-    admin: OperatorClient<Channel>,
-    url: String,
-    dir: tempfile::TempDir,
-}
+use hostmesh_tests::inproc::Mesh;
 
 async fn mesh_with(clock: SharedClock, tweak: impl FnOnce(&mut ControllerConfig)) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ControllerConfig {
-        store: format!("embedded:{}", dir.path().join("state.redb").display()),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("ctl"),
-        ..ControllerConfig::default()
-    };
-    tweak(&mut config);
-    let ctl = Controller::start(config, clock).await.unwrap();
-    ctl.wait_ready().await;
-    let (channel, url) =
-        hostmesh_controller::cli::client::admin_channel(&dir.path().join("ctl/admin.conf"), None)
-            .unwrap();
-    let mut admin = OperatorClient::new(channel);
-    let docs = hostmesh_api::document::parse_documents(GROUPS).unwrap();
-    admin
-        .apply(proto::ApplyRequest {
-            resources: docs
-                .iter()
-                .map(|d| proto::Resource {
-                    json: d.to_json(),
-                    ..Default::default()
-                })
-                .collect(),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
-    Mesh {
-        ctl,
-        admin,
-        url,
-        dir,
-    }
+    hostmesh_tests::inproc::mesh_with(clock, GROUPS, tweak).await
 }
 
 async fn mesh() -> Mesh {
@@ -72,27 +31,11 @@ async fn mesh() -> Mesh {
 }
 
 async fn token(m: &mut Mesh, group: &str, uses: u32, ttl_s: u64) -> proto::CreateTokenResponse {
-    m.admin
-        .create_token(proto::CreateTokenRequest {
-            group: group.into(),
-            ttl_seconds: ttl_s,
-            uses,
-            description: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    m.token(group, uses, ttl_s).await
 }
 
 fn args(m: &Mesh, token: &str, pin: &str, state: &Path) -> JoinArgs {
-    JoinArgs {
-        controller: m.url.clone(),
-        token: token.to_string(),
-        ca_pin: pin.to_string(),
-        force: false,
-        hostname: "host-under-test".into(),
-        state: StateDir::new(state, None),
-    }
+    m.join_args(token, pin, state)
 }
 
 async fn joins_metric(m: &Mesh, result: &str) -> u64 {

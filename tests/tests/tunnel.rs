@@ -1,0 +1,339 @@
+//! meshd's tunnel in-process, with identities issued by a real controller
+//! (in-process, ports 0) and real TLS 1.3 handshakes on loopback: the
+//! HTTP/2 CONNECT pool on one side, the tunnel server on the other, the
+//! splice at both ends, as meshd wires them.
+//!
+//! What the data-plane tests in namespaces cannot show directly: a host
+//! that answers for another group's service is refused, a host of another
+//! mesh (another CA, the same trust domain) is refused, the server learns
+//! the caller's verified identity, half-close crosses the tunnel, and
+//! certificates rotate under an open stream without dropping it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use hostmesh_api::pki::CertInfo;
+use hostmesh_api::spiffe::SpiffeId;
+use hostmesh_api::tls::{self, CaptureServerVerifier};
+use hostmesh_meshd::identity::Identity;
+use hostmesh_meshd::tunnel::hbone::{Pool, PoolSettings};
+use hostmesh_meshd::tunnel::server::{self, Handler, InboundRequest, ServerSettings};
+use hostmesh_meshd::tunnel::splice::{Counters, splice};
+use hostmesh_meshd::tunnel::{ALPN_HBONE, PeerKey, TlsConfigs, TunnelError};
+use hostmesh_tests::inproc::{Mesh, mesh_with};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const GROUPS: &str = "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80, targetPort: 8080}]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: web, namespace: shop}\nspec: {services: [web]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: api, namespace: shop}\nspec: {}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: client, namespace: shop}\nspec: {}\n";
+
+async fn mesh() -> Mesh {
+    hostmesh_api::tls::install_default_provider();
+    mesh_with(hostmesh_api::clock::system(), GROUPS, |_| {}).await
+}
+
+/// An app that echoes what it reads and closes its side after the
+/// caller's EOF.
+async fn echo_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A tunnel server for `host`, delivering every accepted CONNECT to its
+/// authority (as the inbound proxy does) and reporting the caller's
+/// verified identity.
+struct TunnelServer {
+    addr: SocketAddr,
+    callers: mpsc::UnboundedReceiver<SpiffeId>,
+    handshake_failures: Counter,
+}
+
+async fn tunnel_server(host: Arc<Identity>) -> TunnelServer {
+    let tls = TlsConfigs::new(host).unwrap();
+    tokio::spawn(tls.clone().follow());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, callers) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |req: InboundRequest| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(req.peer_identity.clone());
+            let Ok(app) = TcpStream::connect(&req.authority).await else {
+                req.stream.refuse(502).await;
+                return;
+            };
+            if let Ok(halves) = req.stream.accept().await {
+                splice(app, halves, Arc::new(Counters::default())).await;
+            }
+        }
+        .boxed()
+    });
+    let handshake_failures = Counter::default();
+    let (trigger, drain) = hostmesh_meshd::drain::new();
+    tokio::spawn({
+        let failures = handshake_failures.clone();
+        async move {
+            // Held for as long as the server runs.
+            let _trigger = trigger;
+            server::serve(
+                listener,
+                tls,
+                ServerSettings::default(),
+                handler,
+                drain,
+                failures,
+            )
+            .await
+        }
+    });
+    TunnelServer {
+        addr,
+        callers,
+        handshake_failures,
+    }
+}
+
+fn new_pool(host: Arc<Identity>) -> (Pool, Arc<TlsConfigs>) {
+    let tls = TlsConfigs::new(host).unwrap();
+    tokio::spawn(tls.clone().follow());
+    (Pool::new(tls.clone(), PoolSettings::default()), tls)
+}
+
+/// What an app's socket on the client side sees: a local TCP connection
+/// spliced to a tunnel stream to `app` behind `server`, expecting the
+/// server to be `expect`.
+async fn connect_through(
+    pool: &Pool,
+    server: SocketAddr,
+    expect: &SpiffeId,
+    app: SocketAddr,
+) -> Result<TcpStream, TunnelError> {
+    let key = PeerKey {
+        addr: server,
+        identity: Arc::new(expect.clone()),
+    };
+    let stream = pool.open(&key, &app.to_string(), "web.shop").await?;
+    let (halves, guard) = hostmesh_meshd::tunnel::Stream::H2(stream).into_halves();
+    let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(local.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = local.accept().await.unwrap();
+    tokio::spawn(async move {
+        splice(accepted, halves, Arc::new(Counters::default())).await;
+        drop(guard);
+    });
+    Ok(client)
+}
+
+async fn round_trip(s: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
+    s.write_all(payload).await.unwrap();
+    let mut got = vec![0u8; payload.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut got))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    got
+}
+
+/// The certificate a server presents now, from a fresh handshake.
+async fn presented_serial(server: SocketAddr, client: &Identity) -> String {
+    let verifier = Arc::new(CaptureServerVerifier::default());
+    let config = tls::client_config(verifier.clone(), Some(client.cert()), &[ALPN_HBONE]).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(server).await.unwrap();
+    let _tls = connector
+        .connect(tls::server_name_for(client.spiffe_id()), tcp)
+        .await
+        .expect("handshake");
+    let chain = verifier.captured();
+    CertInfo::parse(&chain[0]).unwrap().serial_hex
+}
+
+#[tokio::test]
+async fn bytes_cross_both_ways_with_half_close_and_the_server_knows_the_caller() {
+    let mut m = mesh().await;
+    let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
+    let client = m
+        .joined_host("shop/client", &m.dir.path().join("client"))
+        .await;
+    let app = echo_app().await;
+    let mut srv = tunnel_server(web.clone()).await;
+    let (pool, _) = new_pool(client.clone());
+
+    let mut s = connect_through(&pool, srv.addr, web.spiffe_id(), app)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"hello").await, b"hello");
+    // Half-close: the client finishes sending; the app sees EOF, sends the
+    // rest of its answer and closes; the client reads it all, then EOF.
+    s.write_all(b" and goodbye").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("EOF after the app closed")
+        .unwrap();
+    assert_eq!(rest, b" and goodbye");
+
+    let caller = srv.callers.recv().await.unwrap();
+    assert_eq!(&caller, client.spiffe_id(), "the verified caller identity");
+
+    // Ten more connections ride the same pooled TLS connection.
+    for i in 0..10u8 {
+        let mut s = connect_through(&pool, srv.addr, web.spiffe_id(), app)
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut s, &[i; 100]).await, vec![i; 100]);
+    }
+    assert_eq!(pool.handshakes(), 1, "one TLS handshake for 11 streams");
+}
+
+#[tokio::test]
+async fn a_host_of_another_group_cannot_answer_for_the_service() {
+    let mut m = mesh().await;
+    let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
+    let api = m.joined_host("shop/api", &m.dir.path().join("api")).await;
+    let client = m
+        .joined_host("shop/client", &m.dir.path().join("client"))
+        .await;
+    let app = echo_app().await;
+    // The api host listens where a web endpoint is expected (a stale
+    // endpoint address reused, or a host lying in its registration).
+    let impostor = tunnel_server(api.clone()).await;
+    let (pool, _) = new_pool(client.clone());
+    let err = connect_through(&pool, impostor.addr, web.spiffe_id(), app)
+        .await
+        .expect_err("the api host must not pass for web");
+    assert_eq!(err.kind(), "handshake", "{err}");
+    assert!(
+        err.to_string().contains(&web.spiffe_id().to_string()),
+        "the error names who was expected: {err}"
+    );
+    // The same host is fine where its own identity is expected.
+    let mut s = connect_through(&pool, impostor.addr, api.spiffe_id(), app)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"ok").await, b"ok");
+}
+
+#[tokio::test]
+async fn a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
+    let mut ours = mesh().await;
+    let mut theirs = mesh().await;
+    let web = ours
+        .joined_host("shop/web", &ours.dir.path().join("web"))
+        .await;
+    // Same trust domain, same names, another CA.
+    let foreign_client = theirs
+        .joined_host("shop/client", &theirs.dir.path().join("client"))
+        .await;
+    let foreign_web = theirs
+        .joined_host("shop/web", &theirs.dir.path().join("web"))
+        .await;
+    assert_eq!(foreign_web.spiffe_id(), web.spiffe_id());
+    let app = echo_app().await;
+
+    // A foreign client is refused by our server.
+    let srv = tunnel_server(web.clone()).await;
+    let (foreign_pool, _) = new_pool(foreign_client.clone());
+    let err = connect_through(&foreign_pool, srv.addr, web.spiffe_id(), app)
+        .await
+        .expect_err("a certificate of another CA must be refused");
+    assert!(
+        matches!(err.kind(), "handshake" | "protocol"),
+        "{}: {err}",
+        err.kind()
+    );
+    hostmesh_tests::eventually_async(
+        "the server to count the failed handshake",
+        Duration::from_secs(5),
+        || async {
+            match srv.handshake_failures.get() {
+                0 => Err("0".to_string()),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await;
+
+    // And our client refuses their server, although it shows the SPIFFE ID
+    // it expects.
+    let our_client = ours
+        .joined_host("shop/client", &ours.dir.path().join("client"))
+        .await;
+    let foreign_srv = tunnel_server(foreign_web.clone()).await;
+    let (our_pool, _) = new_pool(our_client);
+    let err = connect_through(&our_pool, foreign_srv.addr, web.spiffe_id(), app)
+        .await
+        .expect_err("a server of another CA must be refused");
+    assert_eq!(err.kind(), "handshake", "{err}");
+}
+
+#[tokio::test]
+async fn certificates_rotate_under_an_open_stream_without_dropping_it() {
+    let mut m = mesh().await;
+    let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
+    let client = m
+        .joined_host("shop/client", &m.dir.path().join("client"))
+        .await;
+    let app = echo_app().await;
+    let srv = tunnel_server(web.clone()).await;
+    let (pool, _client_tls) = new_pool(client.clone());
+
+    let mut open = connect_through(&pool, srv.addr, web.spiffe_id(), app)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut open, b"before").await, b"before");
+    let old_serial = web.cert_info().serial_hex;
+    assert_eq!(presented_serial(srv.addr, &client).await, old_serial);
+
+    // Both hosts renew (new keys, new certificates) while the stream is open.
+    for host in [&web, &client] {
+        let channel = host.controller_channel().unwrap();
+        host.renew(channel).await.unwrap();
+    }
+    let new_serial = web.cert_info().serial_hex;
+    assert_ne!(new_serial, old_serial);
+
+    // The open stream carries on.
+    assert_eq!(round_trip(&mut open, b"after").await, b"after");
+    // New handshakes present the new certificate, once the configs follow.
+    hostmesh_tests::eventually_async(
+        "the server to present its renewed certificate",
+        Duration::from_secs(5),
+        || async {
+            let serial = presented_serial(srv.addr, &client).await;
+            if serial == new_serial {
+                Ok(())
+            } else {
+                Err(serial)
+            }
+        },
+    )
+    .await;
+    // And new streams work, on a fresh pool too (a fresh handshake with the
+    // client's new certificate).
+    let (fresh, _) = new_pool(client.clone());
+    let mut s = connect_through(&fresh, srv.addr, web.spiffe_id(), app)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"new").await, b"new");
+    assert_eq!(round_trip(&mut open, b"still").await, b"still");
+}
