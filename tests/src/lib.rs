@@ -643,3 +643,4 @@ pub mod grpc {
 pub mod container;
 pub mod inproc;
 pub mod mesh;
+pub mod pcap;

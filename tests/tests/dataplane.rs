@@ -233,6 +233,49 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
         !text.contains(".8080:") && !text.contains(".8080 >"),
         "nothing to the app port on the wire"
     );
+    // What crossed port 15008 is TLS records (TCP) or QUIC v1 packets
+    // (QUIC), every byte of it, and enough of it to hold the upload.
+    let capture = hostmesh_tests::pcap::read(&std::fs::read(&pcap).unwrap()).unwrap();
+    let uploaded = marker.len() * 100;
+    let a1_ip = std::net::IpAddr::V4(a1);
+    if transport == "tcp" {
+        let mut to_server = 0;
+        for (flow, stream) in &capture.tcp {
+            if flow.dst.1 != 15008 && flow.src.1 != 15008 {
+                continue;
+            }
+            let records = hostmesh_tests::pcap::tls_records(stream)
+                .unwrap_or_else(|e| panic!("{flow:?} is not TLS: {e}"));
+            if flow.dst == (a1_ip, 15008) || flow.dst.1 == 15008 {
+                to_server += records.application_bytes;
+            }
+        }
+        assert!(
+            to_server >= uploaded,
+            "{to_server} bytes of TLS application data towards the servers, for an upload of {uploaded}"
+        );
+    } else {
+        let mut to_server = 0;
+        for (flow, datagrams) in &capture.udp {
+            if flow.dst.1 != 15008 && flow.src.1 != 15008 {
+                continue;
+            }
+            for d in datagrams {
+                assert!(
+                    hostmesh_tests::pcap::is_quic_v1(d),
+                    "{flow:?}: not a QUIC v1 packet: {:02x?}",
+                    &d[..d.len().min(16)]
+                );
+                if flow.dst.1 == 15008 {
+                    to_server += d.len();
+                }
+            }
+        }
+        assert!(
+            to_server >= uploaded,
+            "{to_server} bytes of QUIC towards the servers, for an upload of {uploaded}"
+        );
+    }
 
     // Plaintext from a third host to the strict port is dropped; the
     // tunnel port is open.
@@ -404,7 +447,65 @@ fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows(transport: &str)
         m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap(),
         "web-1"
     );
-    // SIGTERM: drained, table removed, exit 0.
+
+    // SIGTERM drains: an upload in progress through the client's meshd
+    // (8 MiB at 2 MB/s, about 4 s, inside the 10 s drain bound) finishes
+    // intact; then the table is removed and meshd exits 0.
+    let upload = m.lab.dir.path().join("upload.bin");
+    hostmesh_tests::run_ok(std::process::Command::new("sh").arg("-c").arg(format!(
+        "head -c 8388608 /dev/urandom > {}",
+        upload.display()
+    )));
+    let want = hostmesh_tests::run_ok(std::process::Command::new("sha256sum").arg(&upload));
+    let want = format!("8388608 {}", want.split_whitespace().next().unwrap());
+    let result = m.lab.dir.path().join("upload.out");
+    let _curl = m.lab.spawn(
+        CLIENT,
+        "upload",
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "curl -sS --fail --max-time 30 --limit-rate 2M --data-binary @{} http://web.shop.mesh/ > {}.part && mv {}.part {}",
+                upload.display(),
+                result.display(),
+                result.display(),
+                result.display()
+            ),
+        ],
+    );
+    m.eventually(
+        "the upload to be under way through meshd",
+        Duration::from_secs(10),
+        || {
+            let text = m
+                .lab
+                .http_get(CLIENT, "http://127.0.0.1:15000/metrics")
+                .map_err(|e| e.to_string())?;
+            match metric(&text, "hostmesh_meshd_connections_active", &["outbound"]) {
+                0 => Err(text),
+                _ => Ok(()),
+            }
+        },
+    );
+    let stopping = Instant::now();
+    assert!(m.stop_meshd(CLIENT), "meshd exits 0 on SIGTERM");
+    let stopped_in = stopping.elapsed();
+    assert_eq!(
+        std::fs::read_to_string(&result).unwrap_or_else(|e| format!("no result: {e}")),
+        want,
+        "the upload in flight at SIGTERM arrived whole"
+    );
+    assert!(
+        stopped_in < Duration::from_secs(12),
+        "drained within the bound: {stopped_in:?}"
+    );
+    assert!(!m.lab.nft_tables(CLIENT).contains("hostmesh"));
+    // No VIP route is left behind either.
+    let routes = m.lab.sh_ok(CLIENT, "ip route show proto 240");
+    assert!(routes.trim().is_empty(), "{routes}");
+
+    // The server's meshd: table removed, and direct traffic flows again.
     assert!(m.stop_meshd(1), "meshd exits 0 on SIGTERM");
     assert!(
         !m.lab.nft_tables(1).contains("hostmesh"),
@@ -416,16 +517,11 @@ fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows(transport: &str)
         "web-1",
         "direct traffic flows again"
     );
-    assert!(m.stop_meshd(CLIENT));
-    assert!(!m.lab.nft_tables(CLIENT).contains("hostmesh"));
     assert_eq!(
         m.curl(CLIENT, &format!("http://{a1}:8080/"), 5).unwrap(),
         "web-1",
         "the client goes direct now"
     );
-    // No VIP route is left behind either.
-    let routes = m.lab.sh_ok(CLIENT, "ip route show proto 240");
-    assert!(routes.trim().is_empty(), "{routes}");
 }
 
 #[test]
