@@ -185,6 +185,24 @@ impl Proc {
     }
 
     /// SIGTERM, then wait (SIGKILL after `patience`). Returns the status.
+    /// Waits for the process to exit on its own; None if it had not within
+    /// `patience` (it is killed then).
+    pub fn wait(&mut self, patience: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + patience;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn terminate(&mut self, patience: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         let _ = Command::new("kill")
@@ -246,6 +264,21 @@ fn ip_ok(args: &[&str]) {
 }
 
 static LABS: AtomicUsize = AtomicUsize::new(0);
+
+/// Deletes every lab namespace made by process `pid` (and its
+/// `/etc/netns` directory), without needing the `Lab` itself: for a Ctrl-C
+/// handler that cannot wait for the thread that holds it.
+pub fn remove_labs_of(pid: u32) {
+    let prefix = format!("hm{pid:x}x");
+    let out = ip(&["netns", "list"]);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&prefix) {
+            let _ = ip(&["netns", "del", name]);
+            let _ = fs::remove_dir_all(format!("/etc/netns/{name}"));
+        }
+    }
+}
 
 /// Deletes namespaces of earlier runs whose process is gone.
 fn sweep_stale_labs() {

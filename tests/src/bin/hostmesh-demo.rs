@@ -62,6 +62,16 @@ fn show(text: &str) {
     }
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SURPRISES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Something the demo shows did not behave: said loudly, and the demo
+/// exits non-zero at the end.
+fn surprise(text: &str) {
+    SURPRISES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    show(&format!("UNEXPECTED: {text}"));
+}
+
 fn usage() -> ! {
     eprintln!("usage: hostmesh-demo [--bin-dir DIR] [--keep]");
     std::process::exit(2);
@@ -87,10 +97,17 @@ fn main() {
         std::process::exit(1);
     }
 
-    // The lab lives here so that Ctrl-C can tear it down.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            loop {
+                std::thread::park();
+            }
+        }
+        default_hook(info);
+    }));
     let slot: Arc<Mutex<Option<MeshLab>>> = Arc::new(Mutex::new(None));
     {
-        let slot = slot.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -100,9 +117,18 @@ fn main() {
                 let _ = tokio::signal::ctrl_c().await;
             });
             eprintln!("\ninterrupted: removing the demo hosts");
-            if let Ok(mut guard) = slot.lock() {
-                guard.take();
-            }
+            // The main thread is in the middle of a step; it must not end
+            // the process (by panicking when its children vanish) before
+            // this is done: the panic hook parks it once this flag is set.
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Every process the demo started is its child (`ip netns exec`
+            // execs the program); the namespaces go by their names, so
+            // nothing here waits for the lab the main thread holds.
+            let me = std::process::id().to_string();
+            let _ = std::process::Command::new("pkill")
+                .args(["-KILL", "-P", &me])
+                .status();
+            hostmesh_tests::remove_labs_of(std::process::id());
             std::process::exit(130);
         });
     }
@@ -238,14 +264,14 @@ fn main() {
 
         step("Nothing gets around the mesh: plaintext from ops straight to web:8080 (strict mTLS)");
         match m.curl(OPS, &format!("http://{}:8080/", addr(WEB)), 3) {
-            Ok(_) => show("UNEXPECTED: plaintext got through"),
+            Ok(_) => surprise("plaintext got through"),
             Err(_) => show(
                 "dropped by nftables on web (only the tunnel port 15008 is open to other hosts)",
             ),
         }
         step("And the policy: ops (namespace ops) through the mesh is refused by web's meshd");
         match m.curl(OPS, "http://web.shop.mesh/", 5) {
-            Ok(body) => show(&format!("UNEXPECTED: {body}")),
+            Ok(body) => surprise(&format!("the policy let ops through: {body}")),
             Err(e) => show(&format!("refused: {e}")),
         }
         step("What meshd on client captures (meshd status)");
@@ -280,17 +306,23 @@ fn main() {
     if let Some(mut m) = guard.take() {
         for h in [WEB, CLIENT, OPS] {
             let clean = m.stop_meshd(h);
+            let table_left = m.lab.nft_tables(h).contains("hostmesh");
             show(&format!(
                 "meshd on {} stopped ({}), table inet hostmesh: {}",
                 m.lab.host(h).ns,
                 if clean { "exit 0" } else { "error" },
-                if m.lab.nft_tables(h).contains("hostmesh") {
-                    "still there!"
-                } else {
-                    "gone"
-                }
+                if table_left { "still there!" } else { "gone" }
             ));
+            if !clean || table_left {
+                surprise("meshd did not stop cleanly");
+            }
         }
+    }
+    drop(guard);
+    let surprises = SURPRISES.load(std::sync::atomic::Ordering::SeqCst);
+    if surprises > 0 {
+        eprintln!("hostmesh-demo: {surprises} step(s) did not behave as shown above");
+        std::process::exit(1);
     }
     show("done");
 }
