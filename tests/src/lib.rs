@@ -557,6 +557,14 @@ impl ControllerProc {
     /// Starts `mesh-controller serve` with `store` and extra TOML, and waits
     /// until /readyz answers 200.
     pub fn start(dir: &Path, name: &str, store: &str, extra_toml: &str) -> ControllerProc {
+        let mut c = ControllerProc::spawn(dir, name, store, extra_toml);
+        c.wait_ready();
+        c
+    }
+
+    /// Starts `mesh-controller serve` without waiting for it (call
+    /// [`ControllerProc::wait_ready`]): for replicas that start at once.
+    pub fn spawn(dir: &Path, name: &str, store: &str, extra_toml: &str) -> ControllerProc {
         let grpc = format!("127.0.0.1:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
         let data_dir = dir.join(name);
@@ -573,16 +581,14 @@ impl ControllerProc {
         let mut cmd = Command::new(bin("mesh-controller"));
         cmd.args(["serve", "--config"]).arg(&config);
         let proc = Proc::spawn(name, cmd, dir);
-        let mut c = ControllerProc {
+        ControllerProc {
             proc,
             url: format!("https://{grpc}"),
             grpc,
             metrics,
             admin_conf: data_dir.join("admin.conf"),
             data_dir,
-        };
-        c.wait_ready();
-        c
+        }
     }
 
     pub fn wait_ready(&mut self) {

@@ -88,9 +88,36 @@ fn apply_get_round_trip_and_atomic_refusal_over_etcd() {
     assert_eq!(again.matches("unchanged").count(), 5, "{again}");
 
     // get -o yaml of every kind, applied back, is unchanged; and it holds
-    // what was applied.
+    // what was applied, field for field (apart from the allocated VIP and
+    // the store's revision).
+    let applied = hostmesh_api::document::parse_documents(EVERY_KIND).unwrap();
+    let mut compared = 0;
     for kind in ["services", "workloadgroups", "routes", "policies"] {
         let yaml = ctl.meshctl_ok(&["get", kind, "-o", "yaml"]);
+        for got in hostmesh_api::document::parse_documents(&yaml).unwrap() {
+            let want = applied
+                .iter()
+                .find(|r| r.key() == got.key())
+                .unwrap_or_else(|| panic!("{} was not applied", got.key()));
+            let mut got_json = json(&got.without_store_fields().to_json());
+            let want_json = json(&want.to_json());
+            if want_json["kind"] == "Service"
+                && want_json["spec"].get("vip").is_none_or(|v| v.is_null())
+            {
+                got_json["spec"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("vip")
+                    .expect("an allocated VIP");
+            }
+            assert_eq!(
+                got_json,
+                want_json,
+                "{} differs after the round trip",
+                got.key()
+            );
+            compared += 1;
+        }
         let path = dir.path().join(format!("{kind}.yaml"));
         std::fs::write(&path, &yaml).unwrap();
         let back = ctl.meshctl_ok(&["apply", "-f", path.to_str().unwrap()]);
@@ -102,6 +129,7 @@ fn apply_get_round_trip_and_atomic_refusal_over_etcd() {
         let items = json(&as_json)["items"].as_array().cloned().unwrap();
         assert!(!items.is_empty(), "{kind}");
     }
+    assert_eq!(compared, applied.len(), "every applied resource came back");
     let web = json(&ctl.meshctl_ok(&["get", "service", "web", "-n", "shop", "-o", "json"]));
     assert_eq!(web["spec"]["vip"], "240.240.0.10");
     assert_eq!(web["spec"]["ports"][0]["targetPort"], 8080);
@@ -137,6 +165,8 @@ fn apply_get_round_trip_and_atomic_refusal_over_etcd() {
         !names.contains("\"fine\""),
         "nothing of a refused apply is stored: {names}"
     );
+    let groups = ctl.meshctl_ok(&["get", "workloadgroups", "-n", "shop", "-o", "json"]);
+    assert!(!groups.contains("also-fine"), "{groups}");
 
     // The server refuses too (a client that skips local checks), e.g. a
     // VIP outside the range, and a Route to a missing service.
@@ -152,16 +182,34 @@ fn apply_get_round_trip_and_atomic_refusal_over_etcd() {
         "{}",
         stderr_of(&out)
     );
+    // Valid documents, one Route to a Service that is nowhere: refused by
+    // the server's reference check, and none of the apply is stored.
     std::fs::write(
         &server_side,
-        "apiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r, namespace: shop}\nspec: {service: nope, rules: [{backends: [{weight: 1}]}]}\n",
+        "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: kept-out, namespace: shop}\nspec: {ports: [{port: 82}]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: kept-out, namespace: shop}\nspec: {services: [kept-out]}\n---\napiVersion: hostmesh/v1\nkind: Route\nmetadata: {name: r, namespace: shop}\nspec: {service: nope, rules: [{backends: [{weight: 1}]}]}\n",
     )
     .unwrap();
     let out = ctl.meshctl(&["apply", "-f", server_side.to_str().unwrap()]);
+    assert!(!out.status.success());
     assert!(
         stderr_of(&out).contains("spec.service: Service shop/nope does not exist"),
         "{}",
         stderr_of(&out)
+    );
+    for kind in ["service", "workloadgroup"] {
+        let out = ctl.meshctl(&["get", kind, "kept-out", "-n", "shop"]);
+        assert!(!out.status.success(), "{kind} kept-out was stored");
+    }
+    // A VIP that another Service holds, over etcd.
+    std::fs::write(
+        &server_side,
+        "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: squatter, namespace: shop}\nspec: {ports: [{port: 1}], vip: 240.240.0.10}\n",
+    )
+    .unwrap();
+    let out = ctl.meshctl(&["apply", "-f", server_side.to_str().unwrap()]);
+    assert_eq!(
+        stderr_of(&out).trim(),
+        "meshctl: error: Service shop/squatter: spec.vip: 240.240.0.10 is already allocated to Service shop/web"
     );
 
     // Delete, with the VIP freed for reuse.
@@ -403,4 +451,77 @@ fn meshctl_without_the_admin_credential_is_refused() {
         "{}",
         status.message()
     );
+}
+
+#[test]
+fn replicas_starting_at_once_share_one_root_tokens_and_stable_vips() {
+    let rt = rt();
+    let etcd = rt.block_on(EtcdCluster::start(1));
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("etcd://{}", etcd.endpoints().join(","));
+    let kek = dir.path().join("ca.kek");
+    let extra = format!("[ca]\nkek_file = {:?}\n", kek.display().to_string());
+    // Both start before either is ready: they race to create the root.
+    let mut a = ControllerProc::spawn(dir.path(), "a", &store, &extra);
+    let mut b = ControllerProc::spawn(dir.path(), "b", &store, &extra);
+    a.wait_ready();
+    b.wait_ready();
+    let ca_a = json(&a.meshctl_ok(&["ca", "list", "-o", "json"]));
+    let ca_b = json(&b.meshctl_ok(&["ca", "list", "-o", "json"]));
+    assert_eq!(ca_a["items"].as_array().unwrap().len(), 1, "{ca_a}");
+    assert_eq!(ca_a, ca_b, "one root, not two");
+
+    // A one-use token, raced for by two hosts through different replicas:
+    // exactly one wins, every round.
+    let resources = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &resources,
+        "apiVersion: hostmesh/v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{port: 80}]}\n---\napiVersion: hostmesh/v1\nkind: WorkloadGroup\nmetadata: {name: web, namespace: shop}\nspec: {services: [web]}\n",
+    )
+    .unwrap();
+    a.meshctl_ok(&["apply", "-f", resources.to_str().unwrap()]);
+    for round in 0..4 {
+        let minted = json(&a.meshctl_ok(&[
+            "token", "create", "--group", "shop/web", "--uses", "1", "-o", "json",
+        ]));
+        let token = minted["token"].as_str().unwrap().to_string();
+        let pin = minted["caHash"].as_str().unwrap().to_string();
+        let joins = [&a, &b].map(|c| {
+            let args = hostmesh_meshd::identity::join::JoinArgs {
+                controller: c.url.clone(),
+                token: token.clone(),
+                ca_pin: pin.clone(),
+                force: false,
+                hostname: format!("race-{round}"),
+                state: StateDir::new(dir.path().join(format!("r{round}-{}", c.proc.name)), None),
+            };
+            hostmesh_meshd::identity::join::join(args, 0)
+        });
+        let [ra, rb] = rt
+            .block_on(futures::future::join_all(joins))
+            .try_into()
+            .unwrap();
+        assert_eq!(
+            [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {ra:?} / {rb:?}"
+        );
+    }
+    let workloads = json(&b.meshctl_ok(&["get", "workloads", "-o", "json"]));
+    assert_eq!(workloads["items"].as_array().unwrap().len(), 4);
+
+    // VIPs survive a replica restart: the same addresses, and re-applying
+    // changes nothing.
+    let vip_before =
+        json(&a.meshctl_ok(&["get", "service", "web", "-n", "shop", "-o", "json"]))["spec"]["vip"]
+            .clone();
+    a.proc.kill();
+    b.proc.kill();
+    let a = ControllerProc::start(dir.path(), "a", &store, &extra);
+    let vip_after =
+        json(&a.meshctl_ok(&["get", "service", "web", "-n", "shop", "-o", "json"]))["spec"]["vip"]
+            .clone();
+    assert_eq!(vip_before, vip_after);
+    let again = a.meshctl_ok(&["apply", "-f", resources.to_str().unwrap()]);
+    assert_eq!(again.matches("unchanged").count(), 2, "{again}");
 }

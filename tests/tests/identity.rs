@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use hostmesh_api::clock::{ManualClock, SharedClock};
 use hostmesh_api::pki::{self, CertInfo};
 use hostmesh_api::proto::identity_client::IdentityClient;
+use hostmesh_api::proto::operator_client::OperatorClient;
 use hostmesh_api::proto::{self, JoinRequest, PrepareJoinRequest};
 use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::TrustBundle;
@@ -134,6 +135,154 @@ async fn a_host_joins_and_its_certificate_is_accepted_as_its_identity() {
     assert!(matches!(again, JoinOutcome::AlreadyJoined(_)));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshd_join_on_a_joined_host_says_so_and_changes_nothing_without_force() {
+    let mut m = mesh().await;
+    let first = token(&mut m, "shop/web", 1, 3600).await;
+    let second = token(&mut m, "shop/web", 1, 3600).await;
+    let state = m.dir.path().join("host");
+    let files = ["key.pem", "cert.pem", "bundle.pem", "host.json"];
+    let meshd_join = |t: &proto::CreateTokenResponse, force: bool| {
+        let mut c = std::process::Command::new(hostmesh_tests::bin("meshd"));
+        c.args(["join", "--controller", &m.url, "--ca-hash", &t.ca_hash])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--user", "root", "--token-file", "-"])
+            .env_remove("HOSTMESH_JOIN_TOKEN");
+        if force {
+            c.arg("--force");
+        }
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{}\n", t.token).as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = tokio::task::block_in_place(|| meshd_join(&first, false));
+    assert!(out.status.success(), "{}", hostmesh_tests::stderr_of(&out));
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(state.join(f)).unwrap())
+        .collect();
+
+    let out = tokio::task::block_in_place(|| meshd_join(&second, false));
+    let said = hostmesh_tests::stderr_of(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("has already joined") && said.contains("--force"),
+        "{said}"
+    );
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(state.join(f)).unwrap())
+        .collect();
+    assert!(before == after, "the state files did not change");
+    let uses_left = |list: &proto::ListTokensResponse| {
+        list.tokens
+            .iter()
+            .find(|t| Some(&t.id) == second.info.as_ref().map(|i| &i.id))
+            .map(|t| t.uses_left)
+    };
+    let list = m
+        .admin
+        .list_tokens(proto::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(uses_left(&list), Some(1), "the second token was not spent");
+
+    // With --force it joins again: a new key, a new host.
+    let out = tokio::task::block_in_place(|| meshd_join(&second, true));
+    assert!(out.status.success(), "{}", hostmesh_tests::stderr_of(&out));
+    assert_ne!(std::fs::read(state.join("key.pem")).unwrap(), before[0]);
+    assert_ne!(std::fs::read(state.join("host.json")).unwrap(), before[3]);
+}
+
+#[tokio::test]
+async fn a_host_certificate_cannot_make_operator_calls() {
+    let mut m = mesh().await;
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let state = m.dir.path().join("host");
+    join(args(&m, &t.token, &t.ca_hash, &state), 0)
+        .await
+        .unwrap();
+    let identity = Identity::load(
+        StateDir::new(&state, None),
+        hostmesh_api::clock::system(),
+        None,
+        None,
+    )
+    .unwrap();
+    // The host's own mTLS channel to the controller (the one it renews and
+    // streams on) is refused every operator call.
+    let mut op = OperatorClient::new(identity.controller_channel().unwrap());
+    let apply = op
+        .apply(proto::ApplyRequest {
+            resources: vec![proto::Resource {
+                json: r#"{"apiVersion":"hostmesh/v1","kind":"Service","metadata":{"name":"evil","namespace":"shop"},"spec":{"ports":[{"port":81}]}}"#.into(),
+                ..Default::default()
+            }],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    let list = op
+        .list(proto::ListRequest {
+            kind: "workloads".into(),
+            namespace: String::new(),
+        })
+        .await
+        .unwrap_err();
+    let host_id = identity.host().host_id.clone();
+    let delete = op
+        .delete(proto::DeleteRequest {
+            kind: "workload".into(),
+            namespace: "shop".into(),
+            name: host_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    let token = op
+        .create_token(proto::CreateTokenRequest {
+            group: "shop/web".into(),
+            ttl_seconds: 60,
+            uses: 1,
+            description: String::new(),
+        })
+        .await
+        .unwrap_err();
+    for e in [&apply, &list, &delete, &token] {
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    }
+    // Nothing of it happened.
+    let wl = m
+        .admin
+        .get(proto::GetRequest {
+            kind: "workload".into(),
+            namespace: "shop".into(),
+            name: host_id,
+        })
+        .await;
+    assert!(wl.is_ok(), "the host's Workload is still there");
+    let svc = m
+        .admin
+        .get(proto::GetRequest {
+            kind: "service".into(),
+            namespace: "shop".into(),
+            name: "evil".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(svc.code(), tonic::Code::NotFound);
+}
+
 #[tokio::test]
 async fn key_file_mode_and_owner() {
     let mut m = mesh().await;
@@ -216,8 +365,28 @@ async fn expired_used_up_and_revoked_tokens_are_refused_alike() {
     )
     .await
     .unwrap_err();
-    // The same words every time: nothing tells which check failed.
-    for e in [&used_up, &rev, &expired, &wrong] {
+    // A token id that never existed, and a token that is not even shaped
+    // like one.
+    let no_such_id = join(
+        args(
+            &m,
+            &format!("hm1.000000000000.{}", "0".repeat(64)),
+            &once.ca_hash,
+            &m.dir.path().join("h6"),
+        ),
+        0,
+    )
+    .await
+    .unwrap_err();
+    let malformed = join(
+        args(&m, "hm1.zz", &once.ca_hash, &m.dir.path().join("h7")),
+        0,
+    )
+    .await
+    .unwrap_err();
+    // The same words every time: nothing tells which check failed, nor
+    // whether the token id exists.
+    for e in [&used_up, &rev, &expired, &wrong, &no_such_id, &malformed] {
         assert!(unauthenticated(e), "{e}");
         assert_eq!(e.to_string(), used_up.to_string());
     }
@@ -655,5 +824,149 @@ async fn ca_rotation_keeps_both_roots_during_the_overlap_and_drops_the_old_after
         bundle.roots_der.len(),
         1,
         "the old root is no longer trusted"
+    );
+}
+
+/// An operator's offline root and an intermediate it signed for hostmesh,
+/// as PEM: (intermediate cert, intermediate key, root cert).
+fn operator_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let ca_params = |cn: &str, constraint: BasicConstraints| {
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(constraint);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    };
+    let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let root = ca_params("Example Corp Root", BasicConstraints::Unconstrained)
+        .self_signed(&root_key)
+        .unwrap();
+    let issuer = rcgen::Issuer::new(
+        ca_params("Example Corp Root", BasicConstraints::Unconstrained),
+        root_key,
+    );
+    let int_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let intermediate = ca_params("hostmesh intermediate", BasicConstraints::Constrained(0))
+        .signed_by(&int_key, &issuer)
+        .unwrap();
+    (intermediate.pem(), int_key.serialize_pem(), root.pem())
+}
+
+#[tokio::test]
+async fn an_operator_supplied_intermediate_issues_and_its_root_is_the_bundle() {
+    let (int_pem, int_key, root_pem) = operator_pki();
+    let pki_dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = pki_dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    // The chain file: the issuing certificate first, then its root.
+    let chain_file = write("hostmesh-ca.pem", &format!("{int_pem}{root_pem}"));
+    let key_file = write("hostmesh-ca.key", &int_key);
+    let bundle_file = write("root.pem", &root_pem);
+    let mut m = mesh_with(hostmesh_api::clock::system(), |c| {
+        c.ca.cert_file = chain_file.clone();
+        c.ca.key_file = key_file.clone();
+        c.ca.bundle_file = bundle_file.clone();
+    })
+    .await;
+
+    // The CA hash a join pins is the operator's root.
+    let t = token(&mut m, "shop/web", 1, 3600).await;
+    let root_der = pki::certs_from_pem(&root_pem, "root").unwrap();
+    let root_info = CertInfo::parse(&root_der[0]).unwrap();
+    assert_eq!(
+        t.ca_hash, root_info.spki_pin,
+        "the join pins the operator root"
+    );
+
+    let state = m.dir.path().join("host");
+    join(args(&m, &t.token, &t.ca_hash, &state), 0)
+        .await
+        .unwrap();
+    // The host holds leaf + intermediate, and trusts exactly the root.
+    let chain = pki::certs_from_pem(
+        &std::fs::read_to_string(state.join("cert.pem")).unwrap(),
+        "cert",
+    )
+    .unwrap();
+    assert_eq!(chain.len(), 2, "leaf and intermediate, never the root");
+    let int_der = pki::certs_from_pem(&int_pem, "int").unwrap();
+    assert_eq!(chain[1], int_der[0]);
+    let bundle = pki::certs_from_pem(
+        &std::fs::read_to_string(state.join("bundle.pem")).unwrap(),
+        "bundle",
+    )
+    .unwrap();
+    assert_eq!(bundle, root_der);
+    let leaf = CertInfo::parse(&chain[0]).unwrap();
+    assert_eq!(
+        leaf.spiffe_id.map(|s| s.to_string()).as_deref(),
+        Some("spiffe://hostmesh.local/ns/shop/sa/web")
+    );
+
+    // A real mTLS call: the controller verifies the host's chain up to the
+    // operator root and renews it from the intermediate.
+    let identity = Identity::load(
+        StateDir::new(&state, None),
+        hostmesh_api::clock::system(),
+        None,
+        None,
+    )
+    .unwrap();
+    identity
+        .renew(identity.controller_channel().unwrap())
+        .await
+        .unwrap();
+    assert_ne!(identity.cert_info().serial_hex, leaf.serial_hex);
+
+    // Roots are the operator's business: the controller will not generate
+    // one next to them.
+    let e = m
+        .admin
+        .ca_add_root(proto::CaAddRootRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let roots = m
+        .admin
+        .ca_list(proto::CaListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(roots.roots.len(), 1);
+    assert_eq!(roots.roots[0].origin, "external");
+}
+
+#[tokio::test]
+async fn a_generated_root_key_is_sealed_in_the_store() {
+    let m = mesh().await;
+    let dir = m.dir.path();
+    // What the store holds under ca/: the root certificate in the clear,
+    // its key only sealed with the key-encryption key (which lives in a
+    // file on the controller host, not in the store).
+    let prefix = m.ctl.shared.config.store_prefix.clone();
+    let listed = m.ctl.shared.store.list(&prefix).await.unwrap();
+    let ca: Vec<_> = listed
+        .kvs
+        .iter()
+        .filter(|kv| kv.key.contains("/ca/"))
+        .collect();
+    assert!(!ca.is_empty(), "the CA lives in the store");
+    let everything: Vec<u8> = listed.kvs.iter().flat_map(|kv| kv.value.to_vec()).collect();
+    let text = String::from_utf8_lossy(&everything);
+    assert!(text.contains("BEGIN CERTIFICATE"), "the root certificate");
+    assert!(
+        !text.contains("PRIVATE KEY"),
+        "no private key in the clear in the store"
+    );
+    let kek = std::fs::read(dir.join("ctl/ca.kek")).unwrap();
+    assert!(
+        !everything
+            .windows(kek.len().min(16))
+            .any(|w| w == &kek[..kek.len().min(16)]),
+        "nor the key-encryption key"
     );
 }
