@@ -11,6 +11,7 @@ use hostmesh_registry::conformance;
 use hostmesh_registry::testing::EtcdCluster;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
+use tokio_stream::StreamExt;
 
 /// Timing-sensitive tests on a 2-core machine: one at a time.
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -33,6 +34,10 @@ async fn acknowledged_writes_survive_killing_the_leader() {
     let _serial = SERIAL.lock().await;
     let mut cluster = EtcdCluster::start(3).await;
     let store = cluster.shared_store().await;
+    // A watcher that stays open across the kill: it must see every
+    // acknowledged write, in revision order, without a gap.
+    let from = store.current_revision().await.expect("current revision") + 1;
+    let mut watch = store.watch("/chaos/", from).await.expect("opening a watch");
     let stop = Arc::new(AtomicBool::new(false));
     // (key, when the write was sent, when it was acknowledged)
     let (acks_tx, mut acks) = mpsc::unbounded_channel::<(String, Instant, Instant)>();
@@ -133,6 +138,26 @@ async fn acknowledged_writes_survive_killing_the_leader() {
         acked.len(),
         &missing[..missing.len().min(10)]
     );
+
+    // The watch opened before the kill carried on through it.
+    let mut unseen: HashSet<String> = acked.iter().map(|(k, _, _)| k.clone()).collect();
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !unseen.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = match tokio::time::timeout(left, watch.next()).await {
+            Ok(Some(Ok(batch))) => batch,
+            other => panic!(
+                "the watch stopped with {} acknowledged writes unseen: {other:?}",
+                unseen.len()
+            ),
+        };
+        assert!(batch.revision > last, "revisions in order");
+        last = batch.revision;
+        for event in batch.events {
+            unseen.remove(&event.kv.key);
+        }
+    }
 }
 
 /// Logs to the test output; `RUST_LOG=hostmesh_registry=debug` for detail.
