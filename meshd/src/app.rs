@@ -30,6 +30,7 @@ use crate::drain::{self, DrainTrigger};
 use crate::health::{self, HealthSettings};
 use crate::identity::Identity;
 use crate::identity::store::{StateDir, lookup_user};
+use crate::liveness::Liveness;
 use crate::mesh::{HostLimits, MeshHandle, MeshState};
 use crate::proxy::ProxyMetrics;
 use crate::proxy::inbound::Inbound;
@@ -58,6 +59,8 @@ pub struct Meshd {
     pub identity: Arc<Identity>,
     pub control: Arc<Control>,
     pub pool: Arc<Pool>,
+    /// What the systemd watchdog checks before each ping.
+    pub liveness: Liveness,
     config: MeshdConfig,
     drain: DrainTrigger,
     shutdown: watch::Sender<bool>,
@@ -243,6 +246,7 @@ impl Meshd {
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (drain_trigger, drain) = drain::new();
+        let liveness = Liveness::default();
 
         // DNS answers from the first instant: forwarding needs no config.
         let names = watch::channel(Arc::new(if mesh.is_loaded() {
@@ -350,8 +354,10 @@ impl Meshd {
             .filter_map(|l| l.local_addr().ok())
             .collect();
         for l in outbound_listeners {
-            rt.data
-                .spawn(outbound::serve(l, outbound.clone(), drain.clone()));
+            rt.data.spawn(liveness.track(
+                "outbound accept loop",
+                outbound::serve(l, outbound.clone(), drain.clone()),
+            ));
         }
         let handler: tunnel_server::Handler = {
             let inbound = inbound.clone();
@@ -360,13 +366,16 @@ impl Meshd {
                 Box::pin(async move { inbound.handle(req).await })
             })
         };
-        rt.data.spawn(tunnel_server::serve(
-            tunnel_listener,
-            tls.clone(),
-            ServerSettings::default(),
-            handler.clone(),
-            drain.clone(),
-            proxy_metrics.handshake_failures.clone(),
+        rt.data.spawn(liveness.track(
+            "tunnel accept loop",
+            tunnel_server::serve(
+                tunnel_listener,
+                tls.clone(),
+                ServerSettings::default(),
+                handler.clone(),
+                drain.clone(),
+                proxy_metrics.handshake_failures.clone(),
+            ),
         ));
         if config.proxy.quic_listen {
             let server_config = crate::tunnel::quic::server_config(&identity)
@@ -407,11 +416,14 @@ impl Meshd {
                     }
                 });
             }
-            rt.data.spawn(tunnel_server::serve_quic(
-                endpoint,
-                handler,
-                drain.clone(),
-                proxy_metrics.handshake_failures.clone(),
+            rt.data.spawn(liveness.track(
+                "QUIC tunnel accept loop",
+                tunnel_server::serve_quic(
+                    endpoint,
+                    handler,
+                    drain.clone(),
+                    proxy_metrics.handshake_failures.clone(),
+                ),
             ));
             status_tx.send_modify(|s| s.quic = true);
         }
@@ -527,6 +539,7 @@ impl Meshd {
             drain: drain_trigger,
             shutdown: shutdown_tx,
             dns,
+            liveness,
         })
     }
 
@@ -534,6 +547,7 @@ impl Meshd {
     /// close the controller session (the host leaves its services at once),
     /// remove the capture table and routes.
     pub async fn shutdown(self) {
+        self.liveness.stopping();
         tracing::info!(open = self.drain.active(), "draining");
         self.drain.start();
         let left = self

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod drain;
 pub mod health;
 pub mod identity;
+pub mod liveness;
 pub mod mesh;
 pub mod proxy;
 pub mod tunnel;

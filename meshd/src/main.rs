@@ -257,7 +257,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
             tracing::info!("ready");
         });
         if let Some(interval) = sd_notify::watchdog_enabled() {
-            tokio::spawn(watchdog(interval, control_handle));
+            tokio::spawn(watchdog(interval, control_handle, meshd.liveness.clone()));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
@@ -275,13 +275,22 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     result
 }
 
-/// Pings systemd's watchdog only while both runtimes run tasks: this task
-/// runs on the data runtime and waits for a round trip through the control
-/// runtime each time.
-async fn watchdog(interval: Duration, control: tokio::runtime::Handle) {
+/// Pings systemd's watchdog only while the proxy works: this task runs on
+/// the data runtime, every accept loop answered the last liveness question
+/// (it is still being polled: `liveness.rs`), and a round trip through the
+/// control runtime comes back.
+async fn watchdog(
+    interval: Duration,
+    control: tokio::runtime::Handle,
+    liveness: hostmesh_meshd::liveness::Liveness,
+) {
     let every = interval / 2;
     loop {
         tokio::time::sleep(every).await;
+        if let Err(e) = liveness.check_and_ask() {
+            tracing::error!(problem = %e, "the proxy is not running; not pinging the watchdog");
+            continue;
+        }
         let probe = control.spawn(async {});
         if tokio::time::timeout(every, probe).await.is_ok() {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

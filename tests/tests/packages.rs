@@ -601,10 +601,10 @@ fn deb_installs_offline_joins_with_the_printed_line_runs_hardened_and_purges_cle
     );
     assert!(has_hostmesh_table(&c));
 
-    // The watchdog: meshd keeps pinging within a 2 s WatchdogSec; a meshd
+    // The watchdog: meshd keeps pinging within a 4 s WatchdogSec; a meshd
     // that hangs (SIGSTOP) is killed and restarted by systemd.
     c.sh_ok(
-        "mkdir -p /run/systemd/system/meshd.service.d && printf '[Service]\\nWatchdogSec=2s\\nTimeoutAbortSec=2s\\n' > /run/systemd/system/meshd.service.d/test-watchdog.conf && systemctl daemon-reload && systemctl restart meshd",
+        "mkdir -p /run/systemd/system/meshd.service.d && printf '[Service]\\nWatchdogSec=4s\\nTimeoutAbortSec=2s\\n' > /run/systemd/system/meshd.service.d/test-watchdog.conf && systemctl daemon-reload && systemctl restart meshd",
     );
     let hung = c.unit_property("meshd.service", "MainPID");
     let mut pings = BTreeSet::new();
