@@ -104,12 +104,18 @@ impl Mesh {
             .await
             .expect("joining");
         assert!(matches!(outcome, JoinOutcome::Joined(_)));
-        Identity::load(
-            StateDir::new(state, None),
-            hostmesh_api::clock::system(),
-            None,
-            None,
-        )
-        .expect("loading the joined identity")
+        load_identity(state)
     }
+}
+
+/// The identity `meshd join` stored in `state`, loaded as meshd loads it
+/// (the system clock, the controller it joined).
+pub fn load_identity(state: &Path) -> std::sync::Arc<Identity> {
+    Identity::load(
+        StateDir::new(state, None),
+        hostmesh_api::clock::system(),
+        None,
+        None,
+    )
+    .expect("loading the joined identity")
 }

@@ -118,19 +118,7 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     m.eventually(
         "every host ready and in sync",
         Duration::from_secs(20),
-        || {
-            let st = m.status();
-            let hosts = st["items"].as_array().unwrap().clone();
-            let ready = hosts
-                .iter()
-                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
-                .count();
-            if hosts.len() == 3 && ready == 3 {
-                Ok(())
-            } else {
-                Err(format!("{st:#}"))
-            }
-        },
+        || all_in_sync(&m, 3),
     );
     let st = m.status();
     for h in st["items"].as_array().unwrap() {
@@ -181,18 +169,10 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
         "every host in sync with both endpoints healthy",
         Duration::from_secs(20),
         || {
-            let st = m.status();
-            let in_sync = st["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
-                .count();
-            let healthy = healthy_endpoints(&m.config(3));
-            if in_sync == 3 && healthy == 2 {
-                Ok(())
-            } else {
-                Err(format!("{in_sync} in sync, {healthy} healthy: {st:#}"))
+            all_in_sync(&m, 3)?;
+            match healthy_endpoints(&m.config(3)) {
+                2 => Ok(()),
+                n => Err(format!("{n} healthy endpoints")),
             }
         },
     );
@@ -233,18 +213,7 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
                 "the client lost an endpoint while hosts reconnected\n{}",
                 m.logs()
             );
-            let st = m.status();
-            let ready = st["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
-                .count();
-            if ready == 3 {
-                Ok(())
-            } else {
-                Err(format!("{st:#}"))
-            }
+            all_in_sync(&m, 3)
         },
     );
 
@@ -326,20 +295,7 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     m.eventually(
         "all hosts in sync after the fix",
         Duration::from_secs(20),
-        || {
-            let st = m.status();
-            let ready = st["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|h| h["state"] == "ready" && h["inSync"] == true)
-                .count();
-            if ready == 3 {
-                Ok(())
-            } else {
-                Err(format!("{st:#}"))
-            }
-        },
+        || all_in_sync(&m, 3),
     );
 }
 
@@ -371,4 +327,20 @@ fn controller_metric(m: &MeshLab, series: &str) -> u64 {
         })
         .map(|v| v as u64)
         .unwrap_or(0)
+}
+
+/// Ok when `meshctl status` lists exactly `hosts` hosts, all ready and in
+/// sync; else the status, for the failure message.
+fn all_in_sync(m: &MeshLab, hosts: usize) -> Result<(), String> {
+    let st = m.status();
+    let items = st["items"].as_array().cloned().unwrap_or_default();
+    let ready = items
+        .iter()
+        .filter(|h| h["state"] == "ready" && h["inSync"] == true)
+        .count();
+    if items.len() == hosts && ready == hosts {
+        Ok(())
+    } else {
+        Err(format!("{st:#}"))
+    }
 }

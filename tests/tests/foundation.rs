@@ -223,15 +223,28 @@ fn apply_get_round_trip_and_atomic_refusal_over_etcd() {
     );
 }
 
-#[test]
-fn two_replicas_over_one_etcd_store_every_service_once_with_unique_vips() {
+/// One etcd member, and what controller replicas over it share: the store
+/// URL and a config naming one key-encryption key file (every replica needs
+/// the same one for the shared CA).
+fn replicas_setup() -> (
+    tokio::runtime::Runtime,
+    EtcdCluster,
+    tempfile::TempDir,
+    String,
+    String,
+) {
     let rt = rt();
     let etcd = rt.block_on(EtcdCluster::start(1));
     let dir = tempfile::tempdir().unwrap();
     let store = format!("etcd://{}", etcd.endpoints().join(","));
-    // Every replica needs the same key-encryption key for the shared CA.
     let kek = dir.path().join("ca.kek");
     let extra = format!("[ca]\nkek_file = {:?}\n", kek.display().to_string());
+    (rt, etcd, dir, store, extra)
+}
+
+#[test]
+fn two_replicas_over_one_etcd_store_every_service_once_with_unique_vips() {
+    let (rt, etcd, dir, store, extra) = replicas_setup();
     let a = ControllerProc::start(dir.path(), "a", &store, &extra);
     let b = ControllerProc::start(dir.path(), "b", &store, &extra);
 
@@ -455,12 +468,7 @@ fn meshctl_without_the_admin_credential_is_refused() {
 
 #[test]
 fn replicas_starting_at_once_share_one_root_tokens_and_stable_vips() {
-    let rt = rt();
-    let etcd = rt.block_on(EtcdCluster::start(1));
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!("etcd://{}", etcd.endpoints().join(","));
-    let kek = dir.path().join("ca.kek");
-    let extra = format!("[ca]\nkek_file = {:?}\n", kek.display().to_string());
+    let (rt, _etcd, dir, store, extra) = replicas_setup();
     // Both start before either is ready: they race to create the root.
     let mut a = ControllerProc::spawn(dir.path(), "a", &store, &extra);
     let mut b = ControllerProc::spawn(dir.path(), "b", &store, &extra);

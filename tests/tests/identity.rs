@@ -112,13 +112,7 @@ async fn a_host_joins_and_its_certificate_is_accepted_as_its_identity() {
 
     // An mTLS call with the issued certificate, accepted as that identity:
     // a renewal answers with a certificate for the same host and identity.
-    let identity = Identity::load(
-        StateDir::new(&state, None),
-        hostmesh_api::clock::system(),
-        None,
-        None,
-    )
-    .unwrap();
+    let identity = hostmesh_tests::inproc::load_identity(&state);
     identity
         .renew(identity.controller_channel().unwrap())
         .await
@@ -213,13 +207,7 @@ async fn a_host_certificate_cannot_make_operator_calls() {
     join(args(&m, &t.token, &t.ca_hash, &state), 0)
         .await
         .unwrap();
-    let identity = Identity::load(
-        StateDir::new(&state, None),
-        hostmesh_api::clock::system(),
-        None,
-        None,
-    )
-    .unwrap();
+    let identity = hostmesh_tests::inproc::load_identity(&state);
     // The host's own mTLS channel to the controller (the one it renews and
     // streams on) is refused every operator call.
     let mut op = OperatorClient::new(identity.controller_channel().unwrap());
@@ -673,13 +661,7 @@ async fn a_deleted_workload_cannot_renew_or_stream() {
         })
         .await
         .unwrap();
-    let identity = Identity::load(
-        StateDir::new(&state, None),
-        hostmesh_api::clock::system(),
-        None,
-        None,
-    )
-    .unwrap();
+    let identity = hostmesh_tests::inproc::load_identity(&state);
     let e = identity
         .renew(identity.controller_channel().unwrap())
         .await
@@ -712,13 +694,7 @@ async fn ca_rotation_keeps_both_roots_during_the_overlap_and_drops_the_old_after
     join(args(&m, &t.token, &t.ca_hash, &old_host), 0)
         .await
         .unwrap();
-    let old_id = Identity::load(
-        StateDir::new(&old_host, None),
-        hostmesh_api::clock::system(),
-        None,
-        None,
-    )
-    .unwrap();
+    let old_id = hostmesh_tests::inproc::load_identity(&old_host);
     let old_issuer = old_id.cert_info().issuer;
 
     // 1. Add a root: trusted, not issuing.
@@ -909,13 +885,7 @@ async fn an_operator_supplied_intermediate_issues_and_its_root_is_the_bundle() {
 
     // A real mTLS call: the controller verifies the host's chain up to the
     // operator root and renews it from the intermediate.
-    let identity = Identity::load(
-        StateDir::new(&state, None),
-        hostmesh_api::clock::system(),
-        None,
-        None,
-    )
-    .unwrap();
+    let identity = hostmesh_tests::inproc::load_identity(&state);
     identity
         .renew(identity.controller_channel().unwrap())
         .await
