@@ -202,12 +202,7 @@ async fn meshd_join_on_a_joined_host_says_so_and_changes_nothing_without_force()
 #[tokio::test]
 async fn a_host_certificate_cannot_make_operator_calls() {
     let mut m = mesh().await;
-    let t = token(&mut m, "shop/web", 1, 3600).await;
-    let state = m.dir.path().join("host");
-    join(args(&m, &t.token, &t.ca_hash, &state), 0)
-        .await
-        .unwrap();
-    let identity = hostmesh_tests::inproc::load_identity(&state);
+    let identity = m.joined_host("shop/web", &m.dir.path().join("host")).await;
     // The host's own mTLS channel to the controller (the one it renews and
     // streams on) is refused every operator call.
     let mut op = OperatorClient::new(identity.controller_channel().unwrap());
