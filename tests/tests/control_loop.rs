@@ -114,6 +114,41 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
         "unknown mesh names do not resolve"
     );
 
+    // Every other name goes to the host's own resolver (10.77.0.254 in its
+    // resolv.conf), through meshd: the query to port 53 is redirected to
+    // meshd, which forwards it with its own (exempt) sockets and caches
+    // the answer.
+    let upstream = upstream_dns(&m);
+    let got = m.lab.sh_ok(3, "getent ahostsv4 www.example.test");
+    assert_eq!(got.split_whitespace().next(), Some("10.99.0.1"), "{got}");
+    let asked = || {
+        std::fs::read_to_string(&upstream.1)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "www.example.test 1")
+            .count()
+    };
+    assert_eq!(asked(), 1, "forwarded once");
+    let again = m.lab.sh_ok(3, "getent ahostsv4 www.example.test");
+    assert_eq!(again.split_whitespace().next(), Some("10.99.0.1"));
+    assert_eq!(asked(), 1, "the second answer came from meshd's cache");
+    let nx = m.lab.sh(3, "getent ahostsv4 nothing.example.invalid");
+    assert!(!nx.status.success(), "the upstream's NXDOMAIN is passed on");
+    let dns_metrics = m
+        .lab
+        .http_get(3, "http://127.0.0.1:15000/metrics")
+        .unwrap();
+    for result in ["forwarded", "cache_hit", "mesh_answer", "mesh_nxdomain"] {
+        let series = format!("hostmesh_meshd_dns_queries_total{{result=\"{result}\"}}");
+        assert!(
+            dns_metrics
+                .lines()
+                .any(|l| l.starts_with(&series) && !l.ends_with(" 0")),
+            "{series} counted:\n{dns_metrics}"
+        );
+    }
+    drop(upstream);
+
     // meshctl status: every host, in sync, with heartbeats and certificates.
     m.eventually(
         "every host ready and in sync",
@@ -343,4 +378,63 @@ fn all_in_sync(m: &MeshLab, hosts: usize) -> Result<(), String> {
     } else {
         Err(format!("{st:#}"))
     }
+}
+
+/// A tiny DNS server at the lab's resolver address (10.77.0.254, on the
+/// bridge): A 10.99.0.1 for names under example.test, NXDOMAIN for the
+/// rest. Logs "name qtype" per query to the returned file.
+fn upstream_dns(m: &MeshLab) -> (hostmesh_tests::Proc, std::path::PathBuf) {
+    const SERVER: &str = r#"
+import socket, struct, sys
+log = open(sys.argv[1], 'a', buffering=1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('10.77.0.254', 53))
+print('listening', flush=True)
+while True:
+    q, peer = s.recvfrom(4096)
+    tid = struct.unpack('>H', q[:2])[0]
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode().lower())
+        i += 1 + q[i]
+    qtype = struct.unpack('>H', q[i + 1:i + 3])[0]
+    name = '.'.join(labels)
+    log.write(f'{name} {qtype}\n')
+    question = q[12:i + 5]
+    if name.endswith('example.test'):
+        answer = b''
+        if qtype == 1:
+            answer = b'\xc0\x0c' + struct.pack('>HHIH', 1, 1, 300, 4) + socket.inet_aton('10.99.0.1')
+        header = struct.pack('>HHHHHH', tid, 0x8180, 1, 1 if answer else 0, 0, 0)
+    else:
+        answer = b''
+        header = struct.pack('>HHHHHH', tid, 0x8183, 1, 0, 0, 0)
+    s.sendto(header + question + answer, peer)
+"#;
+    let dir = m.lab.dir.path();
+    let script = dir.join("dns.py");
+    std::fs::write(&script, SERVER).unwrap();
+    let log = dir.join("dns-queries.log");
+    hostmesh_tests::run_ok(std::process::Command::new("ip").args([
+        "-n",
+        &m.lab.sw,
+        "addr",
+        "add",
+        &format!("{}/24", hostmesh_tests::LAB_NAMESERVER),
+        "dev",
+        "br0",
+    ]));
+    let mut c = std::process::Command::new("ip");
+    c.args(["netns", "exec", &m.lab.sw, "python3"])
+        .arg(&script)
+        .arg(&log);
+    let p = hostmesh_tests::Proc::spawn("upstream-dns", c, dir);
+    hostmesh_tests::eventually("the upstream DNS server", Duration::from_secs(10), || {
+        if p.log().contains("listening") {
+            Ok(())
+        } else {
+            Err(p.log())
+        }
+    });
+    (p, log)
 }
