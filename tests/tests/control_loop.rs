@@ -155,6 +155,35 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
         Duration::from_secs(20),
         || all_in_sync(&m, 3),
     );
+    // Pushes go only to hosts whose snapshot changed: a Policy for web
+    // reaches the web hosts, and the client (which does not serve web)
+    // gets nothing.
+    let client_version = m.config(3)["version"].clone();
+    m.apply(
+        "apiVersion: hostmesh/v1\nkind: Policy\nmetadata: {name: web-allow, namespace: shop}\nspec: {service: web, action: allow, rules: [{from: [{namespace: shop}]}]}\n",
+    );
+    for h in [1, 2] {
+        m.eventually(
+            &format!("the policy on web host {h}"),
+            Duration::from_secs(20),
+            || match m.config(h)["policies"].as_array().map(Vec::len) {
+                Some(1) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    }
+    m.eventually(
+        "every host ready and in sync after the policy",
+        Duration::from_secs(20),
+        || all_in_sync(&m, 3),
+    );
+    assert_eq!(
+        m.config(3)["version"],
+        client_version,
+        "the client's config did not change, so it got no push"
+    );
+    assert_eq!(m.config(3)["policies"].as_array().map(Vec::len), Some(0));
+
     let st = m.status();
     for h in st["items"].as_array().unwrap() {
         assert!(h["lastHeartbeatUnixMs"].as_i64().unwrap() > 0, "{h}");
