@@ -134,10 +134,7 @@ fn hosts_register_stream_config_survive_the_controller_and_resolve_mesh_names() 
     assert_eq!(asked(), 1, "the second answer came from meshd's cache");
     let nx = m.lab.sh(3, "getent ahostsv4 nothing.example.invalid");
     assert!(!nx.status.success(), "the upstream's NXDOMAIN is passed on");
-    let dns_metrics = m
-        .lab
-        .http_get(3, "http://127.0.0.1:15000/metrics")
-        .unwrap();
+    let dns_metrics = m.lab.http_get(3, "http://127.0.0.1:15000/metrics").unwrap();
     for result in ["forwarded", "cache_hit", "mesh_answer", "mesh_nxdomain"] {
         let series = format!("hostmesh_meshd_dns_queries_total{{result=\"{result}\"}}");
         assert!(

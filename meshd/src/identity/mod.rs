@@ -90,6 +90,9 @@ impl Identity {
         let host = state.host()?.ok_or_else(|| StateError::NotJoined {
             path: state.file(store::HOST_FILE).display().to_string(),
         })?;
+        if let Some(what) = state.finish_key_and_cert()? {
+            tracing::warn!(state_dir = %state.path().display(), "{what}");
+        }
         let spiffe: SpiffeId =
             host.spiffe_id
                 .parse()
@@ -241,12 +244,10 @@ impl Identity {
         let key_pem = key.serialize_pem();
         let certified = tls::certified_key(&chain_pem, &key_pem, "renewed certificate")
             .map_err(|e| IdentityError::Renew(e.to_string()))?;
-        // Key first: a crash between the two writes leaves a key that does
-        // not match the old certificate, which load() reports; writing the
-        // certificate first would do the same. Both files are small and
-        // written atomically, so the window is tiny.
-        self.state.write(KEY_FILE, key_pem.as_bytes(), 0o600)?;
-        self.state.write(CERT_FILE, chain_pem.as_bytes(), 0o644)?;
+        // One change on disk: a crash leaves the old pair or the new one
+        // (completed at the next load), never a mismatched pair.
+        self.state
+            .replace_key_and_cert(key_pem.as_bytes(), chain_pem.as_bytes())?;
         self.cert.replace(certified);
         let not_after = info.not_after_unix;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Current { info };

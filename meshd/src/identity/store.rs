@@ -94,6 +94,11 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 pub const HOST_FILE: &str = "host.json";
 pub const SNAPSHOT_FILE: &str = "snapshot.pb";
 
+/// The name a file is staged under before it replaces `name`.
+fn staged(name: &str) -> String {
+    format!("{name}.next")
+}
+
 impl StateDir {
     pub fn new(path: impl Into<PathBuf>, owner: Option<Owner>) -> StateDir {
         StateDir {
@@ -151,6 +156,61 @@ impl StateDir {
         Ok(())
     }
 
+    /// Renames `from` to `to` within the directory, durably.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), StateError> {
+        let (a, b) = (self.file(from), self.file(to));
+        std::fs::rename(&a, &b).map_err(io_err(&b))?;
+        if let Ok(dir) = std::fs::File::open(&self.path) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Replaces the key and the certificate as one change: both are staged
+    /// as `*.next` files first, then renamed into place, key first. A crash
+    /// at any point leaves either the old pair, or a staged pair that
+    /// [`StateDir::finish_key_and_cert`] completes at the next start; never
+    /// a key beside another key's certificate.
+    pub fn replace_key_and_cert(&self, key_pem: &[u8], cert_pem: &[u8]) -> Result<(), StateError> {
+        self.write(&staged(KEY_FILE), key_pem, 0o600)?;
+        self.write(&staged(CERT_FILE), cert_pem, 0o644)?;
+        self.rename(&staged(KEY_FILE), KEY_FILE)?;
+        self.rename(&staged(CERT_FILE), CERT_FILE)
+    }
+
+    /// Completes or undoes a [`StateDir::replace_key_and_cert`] that a
+    /// crash interrupted; returns what it did, if anything.
+    pub fn finish_key_and_cert(&self) -> Result<Option<&'static str>, StateError> {
+        let key_next = self.file(&staged(KEY_FILE)).exists();
+        let cert_next = self.file(&staged(CERT_FILE)).exists();
+        match (key_next, cert_next) {
+            // Both staged: the new pair is complete; move it in.
+            (true, true) => {
+                self.rename(&staged(KEY_FILE), KEY_FILE)?;
+                self.rename(&staged(CERT_FILE), CERT_FILE)?;
+                Ok(Some(
+                    "completed a certificate renewal interrupted before it was moved in",
+                ))
+            }
+            // The key is in place; its certificate is still staged.
+            (false, true) => {
+                self.rename(&staged(CERT_FILE), CERT_FILE)?;
+                Ok(Some(
+                    "completed a certificate renewal interrupted between key and certificate",
+                ))
+            }
+            // Staging was cut short: the old pair is intact.
+            (true, false) => {
+                let path = self.file(&staged(KEY_FILE));
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+                Ok(Some(
+                    "discarded a certificate renewal interrupted while staging",
+                ))
+            }
+            (false, false) => Ok(None),
+        }
+    }
+
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.file(name);
         match std::fs::read(&path) {
@@ -196,7 +256,11 @@ impl StateDir {
 
     /// Removes everything meshd stored (a re-join with --force).
     pub fn clear(&self) -> Result<(), StateError> {
-        for name in [KEY_FILE, CERT_FILE, BUNDLE_FILE, HOST_FILE, SNAPSHOT_FILE] {
+        let staged_files = [staged(KEY_FILE), staged(CERT_FILE)];
+        let names = [KEY_FILE, CERT_FILE, BUNDLE_FILE, HOST_FILE, SNAPSHOT_FILE]
+            .into_iter()
+            .chain(staged_files.iter().map(String::as_str));
+        for name in names {
             let path = self.file(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -242,6 +306,59 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "no temp files left behind");
+    }
+
+    #[test]
+    fn a_renewal_cut_short_anywhere_leaves_a_matching_pair() {
+        let setup = || {
+            let dir = tempfile::tempdir().unwrap();
+            let state = StateDir::new(dir.path().join("s"), None);
+            state.create().unwrap();
+            state.write(KEY_FILE, b"old key", 0o600).unwrap();
+            state.write(CERT_FILE, b"old cert", 0o644).unwrap();
+            (dir, state)
+        };
+        let pair = |s: &StateDir| {
+            (
+                s.read(KEY_FILE).unwrap().unwrap(),
+                s.read(CERT_FILE).unwrap().unwrap(),
+            )
+        };
+        let old = (b"old key".to_vec(), b"old cert".to_vec());
+        let new = (b"new key".to_vec(), b"new cert".to_vec());
+
+        // The whole replacement.
+        let (_d, s) = setup();
+        s.replace_key_and_cert(b"new key", b"new cert").unwrap();
+        assert_eq!(pair(&s), new);
+        assert_eq!(s.finish_key_and_cert().unwrap(), None);
+
+        // Cut after staging the key only: the old pair stays.
+        let (_d, s) = setup();
+        s.write(&staged(KEY_FILE), b"new key", 0o600).unwrap();
+        assert!(s.finish_key_and_cert().unwrap().is_some());
+        assert_eq!(pair(&s), old);
+        assert!(!s.file(&staged(KEY_FILE)).exists());
+
+        // Cut after staging both: the new pair goes in.
+        let (_d, s) = setup();
+        s.write(&staged(KEY_FILE), b"new key", 0o600).unwrap();
+        s.write(&staged(CERT_FILE), b"new cert", 0o644).unwrap();
+        assert!(s.finish_key_and_cert().unwrap().is_some());
+        assert_eq!(pair(&s), new);
+
+        // Cut between the two renames: the certificate follows its key.
+        let (_d, s) = setup();
+        s.write(&staged(KEY_FILE), b"new key", 0o600).unwrap();
+        s.write(&staged(CERT_FILE), b"new cert", 0o644).unwrap();
+        s.rename(&staged(KEY_FILE), KEY_FILE).unwrap();
+        assert!(s.finish_key_and_cert().unwrap().is_some());
+        assert_eq!(pair(&s), new);
+        let mode = std::fs::metadata(s.file(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the key keeps its mode");
     }
 
     #[test]

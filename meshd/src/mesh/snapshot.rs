@@ -32,6 +32,16 @@ impl Snapshot {
     pub fn apply(&self, update: ConfigUpdate) -> Result<Snapshot, SnapshotError> {
         let version = update.version;
         let bad = |message: String| SnapshotError::BadUpdate { version, message };
+        // Versions are store revisions, so they only grow. An increment
+        // older than what this host holds comes from a controller replica
+        // that is behind: taking it would roll the config back. A full
+        // snapshot is the controller's deliberate reset and is taken.
+        if !update.full && version < self.version {
+            return Err(bad(format!(
+                "is older than the config in use (version {}): a controller replica behind the store? keeping the newer config",
+                self.version
+            )));
+        }
         let mut entries = if update.full {
             BTreeMap::new()
         } else {
@@ -116,6 +126,44 @@ mod tests {
         assert_eq!(s2.version, 6);
         assert_eq!(s2.entries.keys().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(Snapshot::decode(Bytes::from(s2.encode())).unwrap(), s2);
+    }
+
+    #[test]
+    fn an_increment_older_than_the_config_in_use_is_refused_a_full_one_is_not() {
+        let s = Snapshot::default()
+            .apply(ConfigUpdate {
+                version: 9,
+                full: true,
+                upserts: vec![entry("a", "1")],
+                removals: vec![],
+            })
+            .unwrap();
+        let older = ConfigUpdate {
+            version: 7,
+            full: false,
+            upserts: vec![entry("a", "0")],
+            removals: vec![],
+        };
+        let e = s.apply(older.clone()).unwrap_err().to_string();
+        assert!(
+            e.contains("older than the config in use (version 9)"),
+            "{e}"
+        );
+        let same = ConfigUpdate {
+            version: 9,
+            upserts: vec![],
+            ..older.clone()
+        };
+        assert_eq!(
+            s.apply(same).unwrap(),
+            s,
+            "an empty increment at the same version"
+        );
+        let reset = ConfigUpdate {
+            full: true,
+            ..older
+        };
+        assert_eq!(s.apply(reset).unwrap().version, 7);
     }
 
     #[test]
