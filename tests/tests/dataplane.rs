@@ -302,6 +302,17 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
         ],
     );
     assert!(opened >= 36, "{opened}\n{client_metrics}");
+    let timed = metric(
+        &client_metrics,
+        "hostmesh_meshd_connection_duration_seconds_count",
+        &[
+            "direction=\"outbound\"",
+            "service=\"web.shop\"",
+            "peer=\"spiffe://hostmesh.local/ns/shop/sa/web\"",
+        ],
+    );
+    // (The last connection may still be closing as curl returns.)
+    assert!(timed >= 30, "durations by service and peer: {timed}");
     assert!(
         metric(
             &client_metrics,
@@ -387,6 +398,27 @@ fn new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_die
     for _ in 0..10 {
         assert_eq!(m.curl(CLIENT, "http://web.shop.mesh/", 5).unwrap(), "web-2");
     }
+    // A connection addressed to the dead host itself fails, and the failure
+    // is counted against the service and the identity that was expected
+    // there.
+    let a1 = m.lab.host(1).addr;
+    assert!(m.curl(CLIENT, &format!("http://{a1}:8080/"), 8).is_err());
+    let text = m
+        .lab
+        .http_get(CLIENT, "http://127.0.0.1:15000/metrics")
+        .unwrap();
+    assert!(
+        metric(
+            &text,
+            "hostmesh_meshd_connection_failures_total",
+            &[
+                "direction=\"outbound\"",
+                "service=\"web.shop\"",
+                "peer=\"spiffe://hostmesh.local/ns/shop/sa/web\"",
+            ],
+        ) >= 1,
+        "{text}"
+    );
 }
 
 fn a_1gib_transfer_arrives_with_the_same_checksum(transport: &str) {

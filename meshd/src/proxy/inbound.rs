@@ -87,14 +87,14 @@ impl Inbound {
         };
         let Ok(target) = authority.parse::<SocketAddr>() else {
             stream.refuse(400).await;
-            self.metrics.fail("inbound", "", "bad_target");
+            self.metrics.fail("inbound", "", &peer, "bad_target");
             log_refusal("bad_target", "", "CONNECT target is not ip:port");
             return;
         };
         let state = self.mesh.load();
         let Some(served) = state.served.get(&target.port()) else {
             stream.refuse(404).await;
-            self.metrics.fail("inbound", "", "not_served");
+            self.metrics.fail("inbound", "", &peer, "not_served");
             log_refusal("not_served", &claimed, "no mesh service on this port here");
             return;
         };
@@ -121,7 +121,7 @@ impl Inbound {
             .collect();
         if let Decision::Deny(why) = decide(policies, &peer_identity, service_port) {
             stream.refuse(403).await;
-            self.metrics.fail("inbound", &svc_name, "denied");
+            self.metrics.fail("inbound", &svc_name, &peer, "denied");
             tracing::info!(peer = %peer, service = %svc_name, reason = %why, "inbound connection denied");
             log_refusal("denied", &svc_name, &why);
             return;
@@ -130,7 +130,8 @@ impl Inbound {
             Ok(s) => s,
             Err(e) => {
                 stream.refuse(503).await;
-                self.metrics.fail("inbound", &svc_name, "app_connect");
+                self.metrics
+                    .fail("inbound", &svc_name, &peer, "app_connect");
                 log_refusal("app_unavailable", &svc_name, &e);
                 return;
             }
@@ -138,7 +139,8 @@ impl Inbound {
         let halves = match stream.accept().await {
             Ok(h) => h,
             Err(e) => {
-                self.metrics.fail("inbound", &svc_name, "stream_gone");
+                self.metrics
+                    .fail("inbound", &svc_name, &peer, "stream_gone");
                 log_refusal("stream_gone", &svc_name, &e);
                 return;
             }
@@ -167,9 +169,7 @@ impl Inbound {
             .inc_by(received);
         self.metrics
             .duration
-            .get_or_create(&DirectionLabels {
-                direction: "inbound",
-            })
+            .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
         let me = state
             .me

@@ -30,6 +30,10 @@ pub struct ConnLabels {
 pub struct FailureLabels {
     pub direction: &'static str,
     pub service: String,
+    /// The other end's SPIFFE ID: the identity an outbound endpoint was
+    /// expected to have, or an inbound caller's verified one; empty when
+    /// the failure came before there was one.
+    pub peer: String,
     /// What failed: connect, connect_timeout, handshake, denied, refused,
     /// no_endpoint, no_service, app_connect, ...
     pub reason: &'static str,
@@ -48,7 +52,7 @@ pub struct ProxyMetrics {
     pub bytes_sent: Family<ConnLabels, Counter>,
     pub bytes_received: Family<ConnLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
-    pub duration: Family<DirectionLabels, Histogram>,
+    pub duration: Family<ConnLabels, Histogram>,
     pub handshake_failures: Counter,
 }
 
@@ -112,11 +116,12 @@ impl ProxyMetrics {
         m
     }
 
-    pub fn fail(&self, direction: &'static str, service: &str, reason: &'static str) {
+    pub fn fail(&self, direction: &'static str, service: &str, peer: &str, reason: &'static str) {
         self.failures
             .get_or_create(&FailureLabels {
                 direction,
                 service: service.to_string(),
+                peer: peer.to_string(),
                 reason,
             })
             .inc();

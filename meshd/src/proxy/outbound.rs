@@ -81,19 +81,19 @@ impl Outbound {
         let dst = match original_dst(&socket) {
             Ok(d) => d,
             Err(e) => {
-                self.metrics.fail("outbound", "", "no_original_dst");
+                self.metrics.fail("outbound", "", "", "no_original_dst");
                 tracing::warn!(%src, error = %e, "outbound connection without an original destination (not redirected?)");
                 return;
             }
         };
         if Some(dst) == socket.local_addr().ok() {
             // Someone connected to the listener itself: refusing avoids a loop.
-            self.metrics.fail("outbound", "", "direct_to_listener");
+            self.metrics.fail("outbound", "", "", "direct_to_listener");
             return;
         }
         let state = self.mesh.load();
         let Some(destination) = state.lookup(dst) else {
-            self.metrics.fail("outbound", "", "no_service");
+            self.metrics.fail("outbound", "", "", "no_service");
             tracing::info!(%src, %dst, "no mesh service at this destination; closing");
             AccessEntry {
                 direction: "outbound",
@@ -159,7 +159,8 @@ impl Outbound {
                     break;
                 }
                 Err(e) => {
-                    self.metrics.fail("outbound", &svc_name, e.kind());
+                    self.metrics
+                        .fail("outbound", &svc_name, &key.identity.to_string(), e.kind());
                     if e.endpoint_failure() && self.balancer.record_failure(&stats, now_ms()) {
                         tracing::warn!(endpoint = %endpoint.host_id, service = %svc_name, error = %e, "endpoint ejected");
                     }
@@ -179,7 +180,7 @@ impl Outbound {
                 "all_endpoints_failed"
             };
             if tried.is_empty() {
-                self.metrics.fail("outbound", &svc_name, "no_endpoint");
+                self.metrics.fail("outbound", &svc_name, "", "no_endpoint");
             }
             let err = last_error.map(|e| e.to_string());
             AccessEntry {
@@ -222,9 +223,7 @@ impl Outbound {
             .inc_by(received);
         self.metrics
             .duration
-            .get_or_create(&DirectionLabels {
-                direction: "outbound",
-            })
+            .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
         AccessEntry {
             direction: "outbound",
