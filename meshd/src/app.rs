@@ -298,6 +298,20 @@ impl Meshd {
                 ..PoolSettings::default()
             },
         ));
+        {
+            let pool = pool.clone();
+            rt.data.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(30));
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    let closed = pool.sweep();
+                    if closed > 0 {
+                        tracing::debug!(closed, "idle tunnel connections closed");
+                    }
+                }
+            });
+        }
         let quic_pool = {
             let identity = identity.clone();
             let timeout = config.proxy.connect_timeout.get();

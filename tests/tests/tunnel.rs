@@ -337,3 +337,56 @@ async fn certificates_rotate_under_an_open_stream_without_dropping_it() {
     assert_eq!(round_trip(&mut s, b"new").await, b"new");
     assert_eq!(round_trip(&mut open, b"still").await, b"still");
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_departed_peers_forgotten() {
+    let mut m = mesh().await;
+    let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
+    let client = m
+        .joined_host("shop/client", &m.dir.path().join("client"))
+        .await;
+    let app = echo_app().await;
+    let srv = tunnel_server(web.clone()).await;
+    let tls = TlsConfigs::new(client.clone()).unwrap();
+    let pool = Pool::new(
+        tls,
+        PoolSettings {
+            idle_timeout: Duration::from_millis(300),
+            ..PoolSettings::default()
+        },
+    );
+    let mut busy = connect_through(&pool, srv.addr, web.spiffe_id(), app)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut busy, b"x").await, b"x");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(pool.sweep(), 0, "a connection carrying a stream stays");
+    assert_eq!(pool.connections().len(), 1);
+
+    // The stream ends; after the idle timeout the connection goes, and
+    // with it the peer.
+    drop(busy);
+    hostmesh_tests::eventually_async(
+        "the idle connection to be swept",
+        Duration::from_secs(5),
+        || async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match pool.sweep() {
+                1 => Ok(()),
+                n => Err(format!("swept {n}")),
+            }
+        },
+    )
+    .await;
+    assert!(
+        pool.connections().is_empty(),
+        "{:?}",
+        pool.connections().len()
+    );
+    // A new stream dials again.
+    let mut again = connect_through(&pool, srv.addr, web.spiffe_id(), app)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut again, b"y").await, b"y");
+    assert_eq!(pool.handshakes(), 2);
+}

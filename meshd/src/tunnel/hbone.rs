@@ -8,12 +8,14 @@
 //! burst of new application connections causes one TLS handshake, not a
 //! thundering herd. A connection that fails (reset, GOAWAY, a CONNECT that
 //! goes unanswered) is dropped from the pool and the stream is tried once
-//! more on a fresh connection.
+//! more on a fresh connection. [`Pool::sweep`] (every 30 s in meshd) closes
+//! connections that carried no stream for `idle_timeout` and forgets peers
+//! left with none, so hosts that come and go leave nothing behind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -31,6 +33,8 @@ pub struct PoolSettings {
     pub stream_window: u32,
     pub connection_window: u32,
     pub max_frame_size: u32,
+    /// A connection that carried no stream for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -43,14 +47,23 @@ impl Default for PoolSettings {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 64 * 1024,
+            idle_timeout: Duration::from_secs(300),
         }
     }
+}
+
+/// Milliseconds on a process-wide monotonic clock.
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 pub struct Conn {
     send: SendRequest<Bytes>,
     active: AtomicUsize,
     dead: Arc<AtomicBool>,
+    /// When the last stream ended ([`now_ms`]); meaningful while idle.
+    idle_since_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -71,7 +84,9 @@ pub struct ActiveGuard(Arc<Conn>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since_ms.store(now_ms(), Ordering::Release);
+        }
     }
 }
 
@@ -112,6 +127,34 @@ impl Pool {
                 (k.clone(), live.len(), streams)
             })
             .collect()
+    }
+
+    /// Closes connections that are dead or carried no stream for
+    /// `idle_timeout`, and forgets peers left without any (unless a dial to
+    /// them is under way). Returns how many connections it closed.
+    pub fn sweep(&self) -> usize {
+        let now = now_ms();
+        let idle_ms = self.settings.idle_timeout.as_millis() as u64;
+        let mut closed = 0;
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.retain(|_, peer| {
+            let mut conns = peer.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|c| {
+                let idle = c.active.load(Ordering::Acquire) == 0
+                    && now.saturating_sub(c.idle_since_ms.load(Ordering::Acquire)) >= idle_ms;
+                if idle || c.dead.load(Ordering::Acquire) {
+                    // Dropping the last handle lets h2 close the connection
+                    // (GOAWAY); the keepalive task sees `dead` and stops.
+                    c.dead.store(true, Ordering::Release);
+                    closed += 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            !conns.is_empty() || peer.dial.try_lock().is_err()
+        });
+        closed
     }
 
     fn peer(&self, key: &PeerKey) -> Arc<Peer> {
@@ -234,6 +277,7 @@ impl Pool {
             send,
             active: AtomicUsize::new(0),
             dead,
+            idle_since_ms: AtomicU64::new(now_ms()),
         }))
     }
 
