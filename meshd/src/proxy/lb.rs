@@ -37,8 +37,12 @@ impl Default for OutlierSettings {
 #[derive(Debug, Default)]
 struct Outlier {
     consecutive: u32,
+    /// The ejection multiplier: ejections in a row, decaying by one for
+    /// every `base_ejection` the endpoint then serves without one.
     ejections: u32,
     ejected_until_ms: u64,
+    /// Since when the multiplier last decayed (or the last ejection ended).
+    decayed_at_ms: u64,
 }
 
 /// Per endpoint and target port.
@@ -140,9 +144,26 @@ impl Balancer {
         Outstanding(stats.clone())
     }
 
-    pub fn record_success(&self, stats: &EndpointStats) {
+    /// A connection through the endpoint succeeded. Besides resetting the
+    /// failure run, this lets the ejection multiplier decay (as Envoy's
+    /// does): one step for every `base_ejection` of good service since the
+    /// last ejection ended, so an endpoint that failed once long ago is not
+    /// ejected for the maximum the next time.
+    pub fn record_success(&self, stats: &EndpointStats, now_ms: u64) {
         let mut o = stats.outlier.lock().unwrap_or_else(|p| p.into_inner());
         o.consecutive = 0;
+        if o.ejections == 0 || now_ms < o.ejected_until_ms {
+            return;
+        }
+        let base = (self.settings.base_ejection.as_millis() as u64).max(1);
+        let since = o.decayed_at_ms.max(o.ejected_until_ms);
+        let steps = now_ms.saturating_sub(since) / base;
+        if steps > 0 {
+            o.ejections = o
+                .ejections
+                .saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX));
+            o.decayed_at_ms = since + steps * base;
+        }
     }
 
     /// Returns true if this failure ejected the endpoint.
@@ -158,6 +179,7 @@ impl Balancer {
             .saturating_mul(factor)
             .min(self.settings.max_ejection.as_millis() as u64);
         o.ejected_until_ms = now_ms + ms;
+        o.decayed_at_ms = o.ejected_until_ms;
         o.consecutive = 0;
         true
     }
@@ -263,7 +285,7 @@ mod tests {
             s.is_ejected(31_999) && !s.is_ejected(32_000),
             "capped at 12s"
         );
-        b.record_success(&s);
+        b.record_success(&s, 30_000);
         let eps = vec![ep("a", true), ep("b", true)];
         for _ in 0..10 {
             assert_eq!(
@@ -275,5 +297,30 @@ mod tests {
                 "b"
             );
         }
+    }
+
+    #[test]
+    fn the_ejection_multiplier_decays_with_good_service() {
+        let b = Balancer::new(OutlierSettings {
+            consecutive_failures: 1,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(300),
+        });
+        let s = b.stats("a", 80);
+        // Three ejections in a row: 5 s, 10 s, 20 s.
+        assert!(b.record_failure(&s, 0));
+        assert!(b.record_failure(&s, 5_000));
+        assert!(b.record_failure(&s, 15_000));
+        assert!(s.is_ejected(34_999) && !s.is_ejected(35_000));
+        // Serving well for two base periods after the last ejection ended
+        // takes the multiplier from 3 to 1...
+        b.record_success(&s, 35_000 + 10_000);
+        // ...so the next ejection is 2 x 5 s, not 4 x 5 s.
+        assert!(b.record_failure(&s, 50_000));
+        assert!(s.is_ejected(59_999) && !s.is_ejected(60_000));
+        // Long good service takes it back to the start.
+        b.record_success(&s, 60_000 + 3_600_000);
+        assert!(b.record_failure(&s, 4_000_000));
+        assert!(!s.is_ejected(4_005_000), "5 s again");
     }
 }

@@ -154,7 +154,7 @@ impl Outbound {
                 .await
             {
                 Ok(stream) => {
-                    self.balancer.record_success(&stats);
+                    self.balancer.record_success(&stats, now_ms());
                     opened = Some((stream, endpoint, outstanding));
                     break;
                 }
