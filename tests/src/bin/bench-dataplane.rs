@@ -358,7 +358,9 @@ fn haproxy_client_cfg(dir: &Path) -> String {
 fn nginx_cfg(dir: &Path) -> String {
     let d = dir.display();
     format!(
-        "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+        // One process, no master: killing it (the harness kills by PID)
+        // leaves no orphaned worker behind.
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
          events {{ worker_connections 8192; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 10000000;\n  keepalive_timeout 300s;\n  sendfile on;\n  tcp_nodelay on;\n\
          client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
