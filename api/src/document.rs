@@ -195,6 +195,21 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// One resource from the JSON the controller stores and sends.
+/// The Operator API request that applies `docs`, as `meshctl apply` sends
+/// it: each resource as its JSON.
+pub fn apply_request(docs: &[Resource], dry_run: bool) -> crate::proto::ApplyRequest {
+    crate::proto::ApplyRequest {
+        resources: docs
+            .iter()
+            .map(|d| crate::proto::Resource {
+                json: d.to_json(),
+                ..Default::default()
+            })
+            .collect(),
+        dry_run,
+    }
+}
+
 pub fn resource_from_json(json: &str) -> Result<Resource, String> {
     let value: Value = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
     resource_from_value(value)

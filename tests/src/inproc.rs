@@ -45,16 +45,7 @@ pub async fn mesh_with(
     let mut admin = OperatorClient::new(channel);
     let docs = hostmesh_api::document::parse_documents(resources).expect("test resources");
     admin
-        .apply(proto::ApplyRequest {
-            resources: docs
-                .iter()
-                .map(|d| proto::Resource {
-                    json: d.to_json(),
-                    ..Default::default()
-                })
-                .collect(),
-            dry_run: false,
-        })
+        .apply(hostmesh_api::document::apply_request(&docs, false))
         .await
         .expect("applying the test resources");
     Mesh {
@@ -81,6 +72,15 @@ impl Mesh {
             })
             .await
             .expect("creating a token")
+            .into_inner()
+    }
+
+    /// Every join token, as `meshctl token list` sees them.
+    pub async fn tokens(&mut self) -> proto::ListTokensResponse {
+        self.admin
+            .list_tokens(proto::ListTokensRequest {})
+            .await
+            .expect("listing tokens")
             .into_inner()
     }
 

@@ -136,9 +136,10 @@ async fn meshd_join_on_a_joined_host_says_so_and_changes_nothing_without_force()
     let second = token(&mut m, "shop/web", 1, 3600).await;
     let state = m.dir.path().join("host");
     let files = ["key.pem", "cert.pem", "bundle.pem", "host.json"];
+    let url = m.url.clone();
     let meshd_join = |t: &proto::CreateTokenResponse, force: bool| {
         let mut c = std::process::Command::new(hostmesh_tests::bin("meshd"));
-        c.args(["join", "--controller", &m.url, "--ca-hash", &t.ca_hash])
+        c.args(["join", "--controller", &url, "--ca-hash", &t.ca_hash])
             .arg("--state-dir")
             .arg(&state)
             .args(["--user", "root", "--token-file", "-"])
@@ -184,12 +185,7 @@ async fn meshd_join_on_a_joined_host_says_so_and_changes_nothing_without_force()
             .find(|t| Some(&t.id) == second.info.as_ref().map(|i| &i.id))
             .map(|t| t.uses_left)
     };
-    let list = m
-        .admin
-        .list_tokens(proto::ListTokensRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = m.tokens().await;
     assert_eq!(uses_left(&list), Some(1), "the second token was not spent");
 
     // With --force it joins again: a new key, a new host.
@@ -377,12 +373,7 @@ async fn expired_used_up_and_revoked_tokens_are_refused_alike() {
         !m.dir.path().join("h2/key.pem").exists(),
         "a refused join stores nothing"
     );
-    let list = m
-        .admin
-        .list_tokens(proto::ListTokensRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = m.tokens().await;
     let left: Vec<u32> = list.tokens.iter().map(|t| t.uses_left).collect();
     assert!(left.contains(&0), "the one-use token is used up: {left:?}");
     assert!(list.tokens.iter().any(|t| t.revoked));
@@ -472,12 +463,7 @@ async fn many_joins_on_one_token_spend_exactly_its_uses() {
         })
         .collect();
     assert_eq!(ids.len(), 20, "every host got its own id");
-    let list = m
-        .admin
-        .list_tokens(proto::ListTokensRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = m.tokens().await;
     assert_eq!(list.tokens[0].uses_left, 0);
 }
 

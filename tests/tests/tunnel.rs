@@ -167,16 +167,8 @@ async fn presented_serial(server: SocketAddr, client: &Identity) -> String {
 }
 
 /// A web host serving an echo app behind its tunnel server, and a client
-/// host, both joined to one mesh.
-struct WebAndClient {
-    _mesh: Mesh,
-    web: Arc<Identity>,
-    client: Arc<Identity>,
-    app: SocketAddr,
-    srv: TunnelServer,
-}
-
-async fn web_and_client() -> WebAndClient {
+/// host, both joined to one mesh (returned too: it holds their state).
+async fn web_and_client() -> (Mesh, Arc<Identity>, Arc<Identity>, SocketAddr, TunnelServer) {
     let mut m = mesh().await;
     let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
     let client = m
@@ -184,24 +176,12 @@ async fn web_and_client() -> WebAndClient {
         .await;
     let app = echo_app().await;
     let srv = tunnel_server(web.clone()).await;
-    WebAndClient {
-        _mesh: m,
-        web,
-        client,
-        app,
-        srv,
-    }
+    (m, web, client, app, srv)
 }
 
 #[tokio::test]
 async fn bytes_cross_both_ways_with_half_close_and_the_server_knows_the_caller() {
-    let WebAndClient {
-        web,
-        client,
-        app,
-        mut srv,
-        _mesh: _controller,
-    } = web_and_client().await;
+    let (_mesh, web, client, app, mut srv) = web_and_client().await;
     let (pool, _) = new_pool(client.clone());
 
     let mut s = connect_through(&pool, srv.addr, web.spiffe_id(), app)
@@ -315,13 +295,7 @@ async fn a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
 
 #[tokio::test]
 async fn certificates_rotate_under_an_open_stream_without_dropping_it() {
-    let WebAndClient {
-        web,
-        client,
-        app,
-        srv,
-        _mesh: _controller,
-    } = web_and_client().await;
+    let (_mesh, web, client, app, srv) = web_and_client().await;
     let (pool, _client_tls) = new_pool(client.clone());
 
     let mut open = connect_through(&pool, srv.addr, web.spiffe_id(), app)
@@ -367,13 +341,7 @@ async fn certificates_rotate_under_an_open_stream_without_dropping_it() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_and_departed_peers_forgotten() {
-    let WebAndClient {
-        web,
-        client,
-        app,
-        srv,
-        _mesh: _controller,
-    } = web_and_client().await;
+    let (_mesh, web, client, app, srv) = web_and_client().await;
     let tls = TlsConfigs::new(client.clone()).unwrap();
     let pool = Pool::new(
         tls,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hostmesh_api::document::{DocumentError, parse_documents};
+use hostmesh_api::proto;
 use hostmesh_api::proto::operator_client::OperatorClient;
-use hostmesh_api::proto::{self, ApplyRequest};
 use hostmesh_api::resource::{DEFAULT_NAMESPACE, Kind, Resource};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -241,16 +241,7 @@ async fn apply(
     output: Option<Format>,
 ) -> Result<String, CliError> {
     let docs = parse_file(file)?;
-    let req = ApplyRequest {
-        resources: docs
-            .iter()
-            .map(|d| proto::Resource {
-                json: d.to_json(),
-                ..Default::default()
-            })
-            .collect(),
-        dry_run,
-    };
+    let req = hostmesh_api::document::apply_request(&docs, dry_run);
     let resp = ctx
         .client
         .apply(ctx.request(req))

@@ -504,16 +504,7 @@ async fn fleet(o: &Options, dir: &Path) -> anyhow::Result<Report> {
     let docs = hostmesh_api::document::parse_documents(RESOURCES)
         .map_err(|e| anyhow!("the benchmark's own resources: {e}"))?;
     admin
-        .apply(proto::ApplyRequest {
-            resources: docs
-                .iter()
-                .map(|d| proto::Resource {
-                    json: d.to_json(),
-                    ..Default::default()
-                })
-                .collect(),
-            dry_run: false,
-        })
+        .apply(hostmesh_api::document::apply_request(&docs, false))
         .await
         .map_err(|s| anyhow!("applying the resources: {}", s.message()))?;
     let client_token = create_token(&mut admin, "shop/client", o.hosts + WARMUP_HOSTS + 1).await?;
