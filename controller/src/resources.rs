@@ -155,17 +155,16 @@ impl Resources {
         ordered.sort_by_key(|r| r.kind());
         // Reference checks see the whole apply, before anything is written.
         self.check_references(&ordered).await?;
-        let chunks = chunk_for_txn(ordered);
-        if chunks.len() > 1 && !dry_run {
+        if ordered.len() > RESOURCES_PER_TXN && !dry_run {
             // An apply larger than one transaction is planned whole first,
             // so that what planning can refuse (a VIP taken by a Service
             // outside the apply, two documents asking for one VIP, a stale
             // metadata.revision) is refused before the first chunk is
             // written. What remains is a concurrent writer changing the
             // store between chunks; see docs/RESOURCES.md.
-            self.plan(&chunks.concat()).await?;
+            self.plan(&ordered).await?;
         }
-        for chunk in chunks {
+        for chunk in chunk_for_txn(ordered) {
             let (mut done, rev) = self.apply_chunk(chunk, dry_run).await?;
             revision = revision.max(rev);
             applied.append(&mut done);
@@ -542,12 +541,18 @@ impl Resources {
     }
 }
 
+/// Resources per store transaction in the worst case (a Service with both
+/// VIPs: 4 compares and 3 ops, rounded up to 8).
+const RESOURCES_PER_TXN: usize = {
+    let n = MAX_TXN_OPS / 8;
+    if n == 0 { 1 } else { n }
+};
+
 /// Splits an apply into chunks whose transactions stay within etcd's op
 /// limit: a resource needs at most 2 compares and 3 ops for itself and its
 /// VIPs (4 + 3 with an IPv6 VIP).
 fn chunk_for_txn(docs: Vec<Resource>) -> Vec<Vec<Resource>> {
-    const WORST_CASE_PER_RESOURCE: usize = 8;
-    let per_chunk = (MAX_TXN_OPS / WORST_CASE_PER_RESOURCE).max(1);
+    let per_chunk = RESOURCES_PER_TXN;
     let mut chunks = Vec::new();
     let mut current = Vec::new();
     for d in docs {
