@@ -61,7 +61,11 @@ for pkg in meshd mesh-controller; do
 done
 
 if [ "$build" = yes ]; then
-    cargo build --locked --profile "$profile" -p hostmesh-meshd -p hostmesh-controller --bins
+    # meshd on its own: built together with the controller, cargo would
+    # unify tokio's features and link the multi-thread scheduler (and with
+    # it libm, ~0.5 MiB of RSS) into meshd, which never uses it.
+    cargo build --locked --profile "$profile" -p hostmesh-controller --bins
+    cargo build --locked --profile "$profile" -p hostmesh-meshd --bins
 fi
 for b in meshd mesh-controller meshctl; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b is missing: build it first (cargo build --profile $profile --bins), or drop --no-build"

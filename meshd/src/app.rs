@@ -2,8 +2,8 @@
 //! calls [`Meshd::start`]; tests do the same in-process.
 //!
 //! Two runtimes keep control work off the data path (ztunnel's layout): the
-//! data runtime (one worker per core) runs the outbound listener, the
-//! tunnel server and client, and DNS; the control runtime (one thread) runs
+//! data workers (current-thread runtimes, `workers.rs`) run the outbound
+//! listener, the tunnel server and client, and DNS; the control runtime (one thread) runs
 //! the controller session, certificate renewal, health checks, capture
 //! updates and the admin port.
 
@@ -40,12 +40,17 @@ use crate::tunnel::hbone::{Pool, PoolSettings};
 use crate::tunnel::quic::QuicPool;
 use crate::tunnel::server::{self as tunnel_server, ServerSettings};
 use crate::tunnel::{TlsConfigs, Tunnels};
+use crate::workers::Workers;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Where the runtimes are, and knobs tests need.
 pub struct Runtimes {
+    /// The first data worker: the accept loops, DNS, and connections.
     pub data: Handle,
+    /// Further data workers (current-thread runtimes on their own threads)
+    /// that take connections from the accept loops in turn.
+    pub workers: Vec<Handle>,
     pub control: Handle,
 }
 
@@ -357,6 +362,7 @@ impl Meshd {
                 .await??
         };
         let tunnel_addr = tunnel_listener.local_addr()?;
+        let workers = Workers::new(rt.data.clone(), rt.workers.clone());
         let outbound_listeners = {
             let port = config.proxy.outbound_port;
             rt.data
@@ -370,7 +376,7 @@ impl Meshd {
         for l in outbound_listeners {
             rt.data.spawn(liveness.track(
                 "outbound accept loop",
-                outbound::serve(l, outbound.clone(), drain.clone()),
+                outbound::serve(l, outbound.clone(), workers.clone(), drain.clone()),
             ));
         }
         let handler: tunnel_server::Handler = {
@@ -384,6 +390,7 @@ impl Meshd {
             "tunnel accept loop",
             tunnel_server::serve(
                 tunnel_listener,
+                workers.clone(),
                 tls.clone(),
                 ServerSettings::default(),
                 handler.clone(),

@@ -151,13 +151,14 @@ pub struct ProxySection {
     pub drain_timeout: Dur,
     /// Tunnel connections per peer host at most.
     pub max_connections_per_peer: usize,
-    /// Worker threads for the data plane (0: half the cores this process
-    /// may use, at least 1 and at most 4; see `data_workers`).
+    /// Data-plane workers, each a thread with its own runtime that takes
+    /// connections in turn (0: half the cores this process may use, at
+    /// least 1 and at most 4; see `data_workers`).
     pub worker_threads: usize,
 }
 
 impl ProxySection {
-    /// The data runtime's worker count: the configured one, else chosen
+    /// The number of data workers: the configured one, else chosen
     /// from the CPUs available to this process (affinity and cgroup quota).
     /// meshd shares the host with the apps it proxies; on a 2-core host one
     /// worker did more per CPU second than two (docs/BENCHMARKS.md, "Data

@@ -21,3 +21,4 @@ pub mod liveness;
 pub mod mesh;
 pub mod proxy;
 pub mod tunnel;
+pub mod workers;

@@ -219,23 +219,20 @@ fn run_join(
 fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(), String> {
     let config = load_config(config_path.as_ref(), state_dir.as_ref())?;
     init_logging(&config);
-    // With one data worker, a current-thread runtime driven by this thread:
-    // the same single thread of proxy work without the multi-thread
-    // scheduler's hand-offs (measured: 20% less CPU per request and 10%
-    // more requests/s on 32 connections than a one-worker multi-thread
-    // runtime; docs/BENCHMARKS.md).
+    // Data workers are current-thread runtimes: this thread drives the
+    // first (accept loops, DNS, connections), and each further worker has
+    // its own thread; connections are handed to them in turn (workers.rs).
+    // Measured on one worker: 20% less CPU per request and 10% more
+    // requests/s on 32 connections than tokio's multi-thread scheduler
+    // (docs/BENCHMARKS.md).
     let workers = config.proxy.data_workers();
-    let mut data = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    data.enable_all().thread_name("meshd-data");
-    let data = data
+    let data = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .map_err(|e| format!("starting the data runtime: {e}"))?;
+    let worker_threads = hostmesh_meshd::workers::WorkerThreads::start(workers.saturating_sub(1))
+        .map_err(|e| format!("starting the data worker threads: {e}"))?;
+    let worker_handles = worker_threads.handles();
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -256,6 +253,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
             hostmesh_api::clock::system(),
             Runtimes {
                 data: tokio::runtime::Handle::current(),
+                workers: worker_handles,
                 control: control_handle.clone(),
             },
         )
@@ -281,6 +279,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
         tracing::info!("stopped");
         Ok::<(), String>(())
     });
+    worker_threads.stop();
     let _ = stop_control.send(());
     let _ = control_thread.join();
     result

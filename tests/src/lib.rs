@@ -280,6 +280,49 @@ pub fn remove_labs_of(pid: u32) {
     }
 }
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// On Ctrl-C: kills every child process, deletes this process's lab
+/// namespaces and exits 130, whatever the main thread is doing (for the
+/// demo and the benchmarks, which hold a lab for minutes). The main thread
+/// must not end the process first by panicking when its children vanish:
+/// the panic hook parks it once the handler has begun.
+pub fn clean_up_on_interrupt(what: &'static str) {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            loop {
+                std::thread::park();
+            }
+        }
+        default_hook(info);
+    }));
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("no Ctrl-C handler (starting its runtime: {e})");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        eprintln!("\ninterrupted: {what}");
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        // Every process a lab started is a child (`ip netns exec` execs the
+        // program); the namespaces go by their names, so nothing here waits
+        // for the lab the main thread holds.
+        let me = std::process::id().to_string();
+        let _ = Command::new("pkill").args(["-KILL", "-P", &me]).status();
+        remove_labs_of(std::process::id());
+        std::process::exit(130);
+    });
+}
+
 /// Deletes namespaces of earlier runs whose process is gone.
 fn sweep_stale_labs() {
     let out = ip(&["netns", "list"]);

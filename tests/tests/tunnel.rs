@@ -93,6 +93,10 @@ async fn tunnel_server(host: Arc<Identity>) -> TunnelServer {
             let _trigger = trigger;
             server::serve(
                 listener,
+                hostmesh_meshd::workers::Workers::new(
+                    tokio::runtime::Handle::current(),
+                    Vec::new(),
+                ),
                 tls,
                 ServerSettings::default(),
                 handler,

@@ -13,12 +13,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 
@@ -97,7 +92,7 @@ impl DnsMetrics {
             queries: Family::default(),
             // 0.25 ms .. ~4 s.
             upstream_latency: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.00025, 2.0, 15))
+                Histogram::new(crate::admin::doubling_buckets(0.00025, 15))
             }),
             upstream_failures: Family::default(),
             cache_entries: Gauge::default(),

@@ -18,6 +18,7 @@ use crate::drain::Drain;
 use crate::mesh::MeshHandle;
 use crate::tunnel::splice::{Counters, splice};
 use crate::tunnel::{PeerKey, Transport, TunnelError, Tunnels};
+use crate::workers::Workers;
 
 const ATTEMPTS: usize = 3;
 
@@ -52,7 +53,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, mut drain: Drain) {
+pub async fn serve(
+    listener: TcpListener,
+    outbound: Arc<Outbound>,
+    workers: Workers,
+    mut drain: Drain,
+) {
     loop {
         let (socket, src) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -67,7 +73,7 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, mut drain: Dr
         };
         let guard = drain.track();
         let outbound = outbound.clone();
-        tokio::spawn(async move {
+        workers.dispatch(socket, move |socket| async move {
             outbound.handle(socket, src).await;
             drop(guard);
         });

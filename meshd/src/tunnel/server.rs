@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 
 use super::TlsConfigs;
 use crate::drain::Drain;
+use crate::workers::Workers;
 
 /// One CONNECT request from a peer host.
 pub struct InboundRequest {
@@ -102,6 +103,7 @@ impl Default for ServerSettings {
 
 pub async fn serve(
     listener: TcpListener,
+    workers: Workers,
     tls: Arc<TlsConfigs>,
     settings: ServerSettings,
     handler: Handler,
@@ -128,7 +130,7 @@ pub async fn serve(
         let handler = handler.clone();
         let drain = drain.clone();
         let failures = handshake_failures.clone();
-        tokio::spawn(async move {
+        workers.dispatch(tcp, move |tcp| async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server());
             let stream = match tokio::time::timeout(
                 settings.handshake_timeout,

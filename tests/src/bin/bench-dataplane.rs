@@ -46,11 +46,14 @@ struct Options {
     oha: PathBuf,
     out_dir: PathBuf,
     update_docs: Option<PathBuf>,
+    /// Set the hosts up, print how to reach them, wait this long, tear down
+    /// (for profiling by hand); no measurements.
+    hold: Option<u64>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--workers N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--workers N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -88,6 +91,7 @@ fn main() {
         oha: PathBuf::from("target/tools/bin/oha"),
         out_dir: PathBuf::from("target/bench"),
         update_docs: None,
+        hold: None,
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -111,6 +115,13 @@ fn main() {
             "--out-dir" => o.out_dir = PathBuf::from(it.next().unwrap_or_else(|| usage())),
             "--update-docs" => {
                 o.update_docs = Some(PathBuf::from(it.next().unwrap_or_else(|| usage())))
+            }
+            "--hold" => {
+                o.hold = Some(
+                    it.next()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                )
             }
             _ => usage(),
         }
@@ -406,6 +417,7 @@ struct Setup {
 }
 
 fn run(o: &Options) {
+    hostmesh_tests::clean_up_on_interrupt("removing the benchmark hosts");
     std::fs::create_dir_all(&o.out_dir).expect("output directory");
     println!("== setting up the hosts (release binaries, network namespaces)");
     let mut m = MeshLab::start(4, StoreKind::Embedded, 15);
@@ -541,6 +553,23 @@ fn run(o: &Options) {
             proxies: pids_of(&[&haproxy_client, &haproxy_server]),
         },
     ];
+    if let Some(hold) = o.hold {
+        for s in &setups {
+            println!(
+                "{}: ip netns exec {}  http {}  bulk {}:{}  echo {}  proxy pids {:?}",
+                s.name,
+                m.lab.host(s.host).ns,
+                s.http,
+                s.bulk.0,
+                s.bulk.1,
+                s.echo,
+                s.proxies
+            );
+        }
+        println!("holding for {hold} s, then tearing down");
+        std::thread::sleep(Duration::from_secs(hold));
+        return;
+    }
     let secs = o.seconds;
     let mut results: Vec<Value> = Vec::new();
     for s in &setups {

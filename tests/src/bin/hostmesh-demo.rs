@@ -62,7 +62,6 @@ fn show(text: &str) {
     }
 }
 
-static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static SURPRISES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Something the demo shows did not behave: said loudly, and the demo
@@ -97,41 +96,8 @@ fn main() {
         std::process::exit(1);
     }
 
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
-            loop {
-                std::thread::park();
-            }
-        }
-        default_hook(info);
-    }));
+    hostmesh_tests::clean_up_on_interrupt("removing the demo hosts");
     let slot: Arc<Mutex<Option<MeshLab>>> = Arc::new(Mutex::new(None));
-    {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        std::thread::spawn(move || {
-            runtime.block_on(async {
-                let _ = tokio::signal::ctrl_c().await;
-            });
-            eprintln!("\ninterrupted: removing the demo hosts");
-            // The main thread is in the middle of a step; it must not end
-            // the process (by panicking when its children vanish) before
-            // this is done: the panic hook parks it once this flag is set.
-            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-            // Every process the demo started is its child (`ip netns exec`
-            // execs the program); the namespaces go by their names, so
-            // nothing here waits for the lab the main thread holds.
-            let me = std::process::id().to_string();
-            let _ = std::process::Command::new("pkill")
-                .args(["-KILL", "-P", &me])
-                .status();
-            hostmesh_tests::remove_labs_of(std::process::id());
-            std::process::exit(130);
-        });
-    }
 
     step("Creating 4 hosts as network namespaces on one bridge (no route to the outside)");
     let lab = MeshLab::start(4, StoreKind::Embedded, 15);
