@@ -66,6 +66,9 @@ if [ "$build" = yes ]; then
     # it libm, ~0.5 MiB of RSS) into meshd, which never uses it.
     cargo build --locked --profile "$profile" -p hostmesh-controller --bins
     cargo build --locked --profile "$profile" -p hostmesh-meshd --bins
+    if readelf -d "$bin_dir/meshd" | grep -q 'libm\.so'; then
+        die "$bin_dir/meshd links libm: it was built with the rest of the workspace (see docs/PACKAGING.md)"
+    fi
 fi
 for b in meshd mesh-controller meshctl; do
     [ -x "$bin_dir/$b" ] || die "$bin_dir/$b is missing: build it first (cargo build --profile $profile --bins), or drop --no-build"

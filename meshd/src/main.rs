@@ -233,6 +233,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     let worker_threads = hostmesh_meshd::workers::WorkerThreads::start(workers.saturating_sub(1))
         .map_err(|e| format!("starting the data worker threads: {e}"))?;
     let worker_handles = worker_threads.handles();
+    let worker_handles_for_watchdog = worker_handles.clone();
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -266,7 +267,12 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
             tracing::info!("ready");
         });
         if let Some(interval) = sd_notify::watchdog_enabled() {
-            tokio::spawn(watchdog(interval, control_handle, meshd.liveness.clone()));
+            tokio::spawn(watchdog(
+                interval,
+                control_handle,
+                worker_handles_for_watchdog,
+                meshd.liveness.clone(),
+            ));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
@@ -286,12 +292,14 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
 }
 
 /// Pings systemd's watchdog only while the proxy works: this task runs on
-/// the data runtime, every accept loop answered the last liveness question
-/// (it is still being polled: `liveness.rs`), and a round trip through the
-/// control runtime comes back.
+/// the first data worker, every accept loop answered the last liveness
+/// question (it is still being polled: `liveness.rs`), and a round trip
+/// through the control runtime and through every other data worker comes
+/// back.
 async fn watchdog(
     interval: Duration,
     control: tokio::runtime::Handle,
+    workers: Vec<tokio::runtime::Handle>,
     liveness: hostmesh_meshd::liveness::Liveness,
 ) {
     let every = interval / 2;
@@ -301,11 +309,22 @@ async fn watchdog(
             tracing::error!(problem = %e, "the proxy is not running; not pinging the watchdog");
             continue;
         }
-        let probe = control.spawn(async {});
-        if tokio::time::timeout(every, probe).await.is_ok() {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-        } else {
-            tracing::error!("the control runtime did not answer; not pinging the watchdog");
+        // A round trip through the control runtime and every other data
+        // worker (a wedged worker would strand the connections it holds).
+        let probes = std::iter::once(("the control runtime", &control))
+            .chain(workers.iter().map(|w| ("a data worker", w)))
+            .map(|(name, rt)| async move {
+                tokio::time::timeout(every, rt.spawn(async {}))
+                    .await
+                    .map_err(|_| name)
+            });
+        match futures::future::try_join_all(probes).await {
+            Ok(_) => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            Err(name) => {
+                tracing::error!("{name} did not answer; not pinging the watchdog");
+            }
         }
     }
 }
