@@ -41,6 +41,9 @@ const CLIENT_QUIC: usize = 3;
 
 struct Options {
     seconds: u64,
+    /// Times each measurement is repeated (setups interleaved); the tables
+    /// give medians.
+    rounds: usize,
     /// meshd's data-plane worker threads (0: meshd's default, half the cores).
     workers: usize,
     oha: PathBuf,
@@ -53,7 +56,7 @@ struct Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--workers N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -87,6 +90,7 @@ fn main() {
     }
     let mut o = Options {
         seconds: 5,
+        rounds: 3,
         workers: 0,
         oha: PathBuf::from("target/tools/bin/oha"),
         out_dir: PathBuf::from("target/bench"),
@@ -103,6 +107,13 @@ fn main() {
                 o.seconds = it
                     .next()
                     .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--rounds" => {
+                o.rounds = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|n| *n > 0)
                     .unwrap_or_else(|| usage())
             }
             "--workers" => {
@@ -422,6 +433,22 @@ fn run(o: &Options) {
     println!("== setting up the hosts (release binaries, network namespaces)");
     let mut m = MeshLab::start(4, StoreKind::Embedded, 15);
     let dir = m.lab.dir.path().to_path_buf();
+    // The new-connections run opens ~30,000 connections a second from one
+    // address to one server port, and each closed one holds its port in
+    // TIME_WAIT for 60 s: with a fresh namespace's defaults (28,000 ports,
+    // TIME_WAIT reused only on loopback) the second direct round found no
+    // free port and fell from 24,000 to 1,000 connections/s, and even the
+    // first was capped below what direct does. Reusing TIME_WAIT ports
+    // (safe with TCP timestamps) and a wider port range, in these test
+    // hosts' own namespaces only, as any load generator's host is tuned.
+    for h in [SERVER, CLIENT, CLIENT_QUIC] {
+        run_ok(m.lab.cmd(h, "sysctl").args([
+            "-q",
+            "-w",
+            "net.ipv4.tcp_tw_reuse=1",
+            "net.ipv4.ip_local_port_range=10000 65535",
+        ]));
+    }
     // Servers on the server host.
     std::fs::create_dir_all(dir.join("www")).expect("www");
     write(&dir.join("www/1k"), &"x".repeat(1024));
@@ -571,10 +598,11 @@ fn run(o: &Options) {
         return;
     }
     let secs = o.seconds;
-    let mut results: Vec<Value> = Vec::new();
+    let rounds = o.rounds;
+    // A first request checks each path and warms the pools; then each
+    // proxy's idle RSS, before any load.
+    let mut idle = Vec::new();
     for s in &setups {
-        println!("== {}", s.name);
-        // A first request checks the path and warms pools.
         let warm = output(m.lab.cmd(s.host, "curl").args([
             "-sS",
             "--fail",
@@ -593,97 +621,157 @@ fn run(o: &Options) {
                 m.logs()
             );
         }
-        let rss_idle = rss_of(&s.proxies);
-        let wrk = |args: &[&str]| -> (f64, BTreeMap<String, f64>) {
-            let mut c = m.lab.cmd(s.host, "wrk");
-            c.args(args);
-            parse_wrk(&run_ok(&mut c))
-        };
-        let d = format!("{secs}s");
-        let (rps1, lat1) = wrk(&["-t1", "-c1", "-d", &d, "--latency", &s.http]);
-        let cpu_before = cpu_of(&s.proxies);
-        let sampler = {
-            let pids = s.proxies.clone();
-            std::thread::spawn(move || {
-                let mut max = 0;
-                let end = Instant::now() + Duration::from_secs(secs);
-                while Instant::now() < end {
-                    max = max.max(rss_of(&pids));
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                max
-            })
-        };
-        let (rps32, _) = wrk(&["-t2", "-c32", "-d", &d, &s.http]);
-        let cpu_after = cpu_of(&s.proxies);
-        let rss_load = sampler.join().unwrap_or(0);
-        let requests32 = rps32 * secs as f64;
-        let cpu_per_1000 = if requests32 > 0.0 {
-            (cpu_after - cpu_before) / requests32 * 1000.0
-        } else {
-            0.0
-        };
-        let (conn_rate, _) = wrk(&["-t2", "-c32", "-d", &d, "-H", "Connection: close", &s.http]);
-        let iperf = {
-            let mut c = m.lab.cmd(s.host, "iperf3");
-            c.args([
-                "-c",
-                &s.bulk.0,
-                "-p",
-                &s.bulk.1.to_string(),
-                "-t",
-                &secs.to_string(),
-                "-J",
-            ]);
-            let v: Value = serde_json::from_str(&run_ok(&mut c)).unwrap_or_default();
-            v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1e9
-        };
-        let oha = {
-            let mut c = m.lab.cmd(s.host, &o.oha);
-            c.args([
-                "-z",
-                &format!("{}s", secs * 2),
-                "-q",
-                "1000",
-                "-c",
-                "16",
-                "--latency-correction",
-                "--no-tui",
-                "--output-format",
-                "json",
-                &s.http,
-            ]);
-            let v: Value = serde_json::from_str(&run_ok(&mut c)).unwrap_or_default();
-            let p = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
-            json!({"p50_us": p("p50"), "p90_us": p("p90"), "p99_us": p("p99"), "p99.9_us": p("p99.9"), "rps": v["summary"]["requestsPerSec"]})
-        };
-        let rtt = |size: usize| -> Value {
-            let mut c = m.lab.cmd(s.host, &me);
-            c.args(["rtt-client", &s.echo, &size.to_string(), "20000"]);
-            serde_json::from_str(&run_ok(&mut c)).unwrap_or_default()
-        };
-        let (rtt1, rtt1k) = (rtt(1), rtt(1024));
-        let r = json!({
-            "setup": s.name,
-            "latency1_p50_us": lat1.get("50").copied().unwrap_or(0.0),
-            "latency1_p99_us": lat1.get("99").copied().unwrap_or(0.0),
-            "rps_1": rps1,
-            "rps_32": rps32,
-            "new_conns_per_s": conn_rate,
-            "bulk_gbps": iperf,
-            "open_loop": oha,
-            "rss_idle_kib": rss_idle,
-            "rss_load_kib": rss_load,
-            "cpu_s_per_1000_req": cpu_per_1000,
-            "rtt_1b": rtt1,
-            "rtt_1k": rtt1k,
-        });
-        println!("{}", serde_json::to_string(&r).unwrap_or_default());
-        results.push(r);
+        idle.push(rss_of(&s.proxies));
     }
+    let wrk = |s: &Setup, args: &[&str]| -> (f64, BTreeMap<String, f64>) {
+        let mut c = m.lab.cmd(s.host, "wrk");
+        c.args(args);
+        parse_wrk(&run_ok(&mut c))
+    };
+    let d = format!("{secs}s");
+    type Measure<'a> = Box<dyn Fn(&Setup) -> Value + 'a>;
+    let lines: Vec<(&str, Measure<'_>)> = vec![
+        (
+            "one keep-alive connection (wrk -c1)",
+            Box::new(|s| {
+                let (rps1, lat1) = wrk(s, &["-t1", "-c1", "-d", &d, "--latency", &s.http]);
+                json!({
+                    "latency1_p50_us": lat1.get("50").copied().unwrap_or(0.0),
+                    "latency1_p99_us": lat1.get("99").copied().unwrap_or(0.0),
+                    "rps_1": rps1,
+                })
+            }),
+        ),
+        (
+            "32 connections (wrk -c32), proxy CPU and peak RSS",
+            Box::new(|s| {
+                let cpu_before = cpu_of(&s.proxies);
+                let sampler = {
+                    let pids = s.proxies.clone();
+                    std::thread::spawn(move || {
+                        let mut max = 0;
+                        let end = Instant::now() + Duration::from_secs(secs);
+                        while Instant::now() < end {
+                            max = max.max(rss_of(&pids));
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        max
+                    })
+                };
+                let (rps32, _) = wrk(s, &["-t2", "-c32", "-d", &d, &s.http]);
+                let cpu_after = cpu_of(&s.proxies);
+                let rss_load = sampler.join().unwrap_or(0);
+                let requests32 = rps32 * secs as f64;
+                let cpu_per_1000 = if requests32 > 0.0 {
+                    (cpu_after - cpu_before) / requests32 * 1000.0
+                } else {
+                    0.0
+                };
+                json!({"rps_32": rps32, "rss_load_kib": rss_load, "cpu_s_per_1000_req": cpu_per_1000})
+            }),
+        ),
+        (
+            "new connections (wrk -c32, Connection: close)",
+            Box::new(|s| {
+                let (rate, _) = wrk(
+                    s,
+                    &["-t2", "-c32", "-d", &d, "-H", "Connection: close", &s.http],
+                );
+                json!({"new_conns_per_s": rate})
+            }),
+        ),
+        (
+            "one-stream bulk (iperf3)",
+            Box::new(|s| {
+                let mut c = m.lab.cmd(s.host, "iperf3");
+                c.args([
+                    "-c",
+                    &s.bulk.0,
+                    "-p",
+                    &s.bulk.1.to_string(),
+                    "-t",
+                    &secs.to_string(),
+                    "-J",
+                ]);
+                let v: Value = serde_json::from_str(&run_ok(&mut c)).unwrap_or_default();
+                let gbps = v["end"]["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    / 1e9;
+                json!({"bulk_gbps": gbps})
+            }),
+        ),
+        (
+            "open loop at 1000 req/s (oha, latency-corrected)",
+            Box::new(|s| {
+                let mut c = m.lab.cmd(s.host, &o.oha);
+                c.args([
+                    "-z",
+                    &format!("{}s", secs * 2),
+                    "-q",
+                    "1000",
+                    "-c",
+                    "16",
+                    "--latency-correction",
+                    "--no-tui",
+                    "--output-format",
+                    "json",
+                    &s.http,
+                ]);
+                let v: Value = serde_json::from_str(&run_ok(&mut c)).unwrap_or_default();
+                let p = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
+                json!({"open_loop": {"p50_us": p("p50"), "p90_us": p("p90"), "p99_us": p("p99"), "p99.9_us": p("p99.9"), "rps": v["summary"]["requestsPerSec"]}})
+            }),
+        ),
+        (
+            "round trips of 1 B and 1 KiB on one connection",
+            Box::new(|s| {
+                let rtt = |size: usize| -> Value {
+                    let mut c = m.lab.cmd(s.host, &me);
+                    c.args(["rtt-client", &s.echo, &size.to_string(), "20000"]);
+                    serde_json::from_str(&run_ok(&mut c)).unwrap_or_default()
+                };
+                json!({"rtt_1b": rtt(1), "rtt_1k": rtt(1024)})
+            }),
+        ),
+    ];
+    // Every measurement runs for every setup, `rounds` times, before the
+    // next measurement starts; each round starts with the next setup, so
+    // no setup always goes first or last. Setups are compared round by
+    // round, minutes apart at most, which is what keeps this VM's drift
+    // out of the ratios.
+    let mut measured: Vec<Vec<serde_json::Map<String, Value>>> =
+        vec![vec![serde_json::Map::new(); rounds]; setups.len()];
+    let n = setups.len();
+    let order: Vec<(usize, usize)> = (0..rounds)
+        .flat_map(|r| (0..n).map(move |k| ((k + r) % n, r)))
+        .collect();
+    for (name, measure) in &lines {
+        println!("== {name}");
+        for &(i, r) in &order {
+            let v = measure(&setups[i]);
+            println!("   round {} {}: {v}", r + 1, setups[i].name);
+            if let Value::Object(fields) = v {
+                measured[i][r].extend(fields);
+            }
+        }
+    }
+    drop(lines);
+    let results: Vec<Value> = setups
+        .iter()
+        .zip(measured)
+        .zip(idle)
+        .map(|((s, rounds), idle)| {
+            let rounds: Vec<Value> = rounds
+                .into_iter()
+                .map(|mut r| {
+                    r.insert("rss_idle_kib".into(), json!(idle));
+                    Value::Object(r)
+                })
+                .collect();
+            summarize(s.name, rounds)
+        })
+        .collect();
     drop((
         nginx,
         iperf_mesh,
@@ -695,6 +783,7 @@ fn run(o: &Options) {
     ));
     let report = json!({
         "seconds_per_measurement": secs,
+        "rounds": rounds,
         "meshd_worker_threads": o.workers,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": String::from_utf8_lossy(&output(Command::new("uname").arg("-r")).stdout).trim(),
@@ -748,141 +837,374 @@ fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
 }
 
-fn markdown(results: &[Value]) -> String {
-    let direct = &results[0];
-    let ratio = |v: f64, d: f64| {
-        if d > 0.0 {
-            format!("{:.2}×", v / d)
-        } else {
-            "-".into()
-        }
+/// The median (the mean of the middle two for an even count); 0 for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The same shape as the rounds, each number the median over them.
+fn median_of(values: &[Value]) -> Value {
+    match values.first() {
+        Some(Value::Object(first)) => Value::Object(
+            first
+                .keys()
+                .map(|k| {
+                    let column: Vec<Value> = values.iter().map(|v| v[k].clone()).collect();
+                    (k.clone(), median_of(&column))
+                })
+                .collect(),
+        ),
+        Some(Value::Number(_)) => json!(median(values.iter().filter_map(Value::as_f64).collect())),
+        Some(other) => other.clone(),
+        None => Value::Null,
+    }
+}
+
+/// One setup's figures: each the median over the rounds, except the peak
+/// RSS under load, the highest of any round; every round is kept.
+fn summarize(name: &str, rounds: Vec<Value>) -> Value {
+    let mut out = median_of(&rounds);
+    if let Value::Object(o) = &mut out {
+        let peak = rounds
+            .iter()
+            .map(|r| f(r, "rss_load_kib"))
+            .fold(0.0, f64::max);
+        o.insert("rss_load_kib".into(), json!(peak));
+        o.insert("setup".into(), json!(name));
+        o.insert("rounds".into(), Value::Array(rounds));
+    }
+    out
+}
+
+fn rounds_of(r: &Value) -> Vec<&Value> {
+    match r["rounds"].as_array() {
+        Some(a) if !a.is_empty() => a.iter().collect(),
+        _ => vec![r],
+    }
+}
+
+/// `op(a, b)` for each round, a and b measured minutes apart at most.
+fn paired(a: &Value, b: &Value, get: fn(&Value) -> f64, op: fn(f64, f64) -> f64) -> Vec<f64> {
+    rounds_of(a)
+        .into_iter()
+        .zip(rounds_of(b))
+        .map(|(x, y)| op(get(x), get(y)))
+        .filter(|v| v.is_finite())
+        .collect()
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+fn diff(a: f64, b: f64) -> f64 {
+    a - b
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Lower,
+    Higher,
+}
+
+/// One line of the table.
+struct Row {
+    label: &'static str,
+    get: fn(&Value) -> f64,
+    fmt: fn(f64) -> String,
+    better: Better,
+    /// Shown as a ratio to direct (not for the proxies' own RSS and CPU).
+    ratio: bool,
+    /// A latency, also shown as added to direct's.
+    latency: bool,
+}
+
+fn us(v: f64) -> String {
+    format!("{v:.0} µs")
+}
+
+fn rows() -> Vec<Row> {
+    use Better::{Higher, Lower};
+    let n = |v: f64| format!("{v:.0}");
+    let row = |label, get, fmt, better, ratio| Row {
+        label,
+        get,
+        fmt,
+        better,
+        ratio,
+        latency: false,
     };
+    let lat = |label, get| Row {
+        label,
+        get,
+        fmt: us,
+        better: Lower,
+        ratio: true,
+        latency: true,
+    };
+    vec![
+        lat("p50 latency, 1 keep-alive conn", |r| {
+            f(r, "latency1_p50_us")
+        }),
+        lat("p99 latency, 1 keep-alive conn", |r| {
+            f(r, "latency1_p99_us")
+        }),
+        row("requests/s, 1 conn", |r| f(r, "rps_1"), n, Higher, true),
+        row("requests/s, 32 conns", |r| f(r, "rps_32"), n, Higher, true),
+        row(
+            "new connections/s (Connection: close)",
+            |r| f(r, "new_conns_per_s"),
+            n,
+            Higher,
+            true,
+        ),
+        row(
+            "one-stream bulk, Gbit/s",
+            |r| f(r, "bulk_gbps"),
+            |v| format!("{v:.2}"),
+            Higher,
+            true,
+        ),
+        lat("open loop 1000 req/s: p50", |r| {
+            f(&r["open_loop"], "p50_us")
+        }),
+        lat("open loop 1000 req/s: p99", |r| {
+            f(&r["open_loop"], "p99_us")
+        }),
+        lat("round trip 1 B, p50", |r| f(&r["rtt_1b"], "p50_us")),
+        lat("round trip 1 KiB, p50", |r| f(&r["rtt_1k"], "p50_us")),
+        row(
+            "proxy RSS idle (both ends), MiB",
+            |r| f(r, "rss_idle_kib") / 1024.0,
+            |v| format!("{v:.1}"),
+            Lower,
+            false,
+        ),
+        row(
+            "proxy RSS under load (both ends), MiB",
+            |r| f(r, "rss_load_kib") / 1024.0,
+            |v| format!("{v:.1}"),
+            Lower,
+            false,
+        ),
+        row(
+            "proxy CPU s per 1000 requests (both ends)",
+            |r| f(r, "cpu_s_per_1000_req"),
+            |v| format!("{v:.4}"),
+            Lower,
+            false,
+        ),
+    ]
+}
+
+/// "median (min to max)" over the rounds, or just the value for one round.
+fn spread(v: &[f64], fmt: &dyn Fn(f64) -> String) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if v.len() < 2 {
+        fmt(median(v.to_vec()))
+    } else {
+        format!("{} ({} to {})", fmt(median(v.to_vec())), fmt(lo), fmt(hi))
+    }
+}
+
+fn markdown(results: &[Value]) -> String {
+    let by_name = |n: &str| results.iter().find(|r| r["setup"] == n);
+    let (Some(direct), Some(tcp)) = (by_name("direct"), by_name("meshd tcp")) else {
+        return "no results\n".into();
+    };
+    let haproxy = by_name("haproxy");
+    let n_rounds = rounds_of(direct).len();
     let mut out = String::new();
+    out.push_str(&format!(
+        "Each figure is the median of {n_rounds} round(s); a ratio is the median of the per-round ratios to direct.\n\n"
+    ));
     out.push_str("| | direct | meshd tcp | meshd quic | haproxy mTLS |\n|---|---|---|---|---|\n");
-    let row = |out: &mut String,
-               label: &str,
-               get: &dyn Fn(&Value) -> f64,
-               fmt: &dyn Fn(f64) -> String,
-               show_ratio: bool| {
-        out.push_str(&format!("| {label} |"));
+    let rows = rows();
+    for row in &rows {
+        out.push_str(&format!("| {} |", row.label));
         for r in results {
-            let v = get(r);
-            if show_ratio && r != direct {
-                out.push_str(&format!(" {} ({}) |", fmt(v), ratio(v, get(direct))));
+            let v = (row.get)(r);
+            if row.ratio && r != direct {
+                let q = median(paired(r, direct, row.get, ratio));
+                out.push_str(&format!(" {} ({q:.2}×) |", (row.fmt)(v)));
             } else {
-                out.push_str(&format!(" {} |", fmt(v)));
+                out.push_str(&format!(" {} |", (row.fmt)(v)));
             }
         }
         out.push('\n');
-    };
-    let us = |v: f64| format!("{v:.0} µs");
-    let n = |v: f64| format!("{v:.0}");
-    row(
-        &mut out,
-        "p50 latency, 1 keep-alive conn",
-        &|r| f(r, "latency1_p50_us"),
-        &us,
-        true,
-    );
-    row(
-        &mut out,
-        "p99 latency, 1 keep-alive conn",
-        &|r| f(r, "latency1_p99_us"),
-        &us,
-        true,
-    );
-    row(&mut out, "requests/s, 1 conn", &|r| f(r, "rps_1"), &n, true);
-    row(
-        &mut out,
-        "requests/s, 32 conns",
-        &|r| f(r, "rps_32"),
-        &n,
-        true,
-    );
-    row(
-        &mut out,
-        "new connections/s (Connection: close)",
-        &|r| f(r, "new_conns_per_s"),
-        &n,
-        true,
-    );
-    row(
-        &mut out,
-        "one-stream bulk, Gbit/s",
-        &|r| f(r, "bulk_gbps"),
-        &|v| format!("{v:.2}"),
-        true,
-    );
-    row(
-        &mut out,
-        "open loop 1000 req/s: p50",
-        &|r| r["open_loop"]["p50_us"].as_f64().unwrap_or(0.0),
-        &us,
-        true,
-    );
-    row(
-        &mut out,
-        "open loop 1000 req/s: p99",
-        &|r| r["open_loop"]["p99_us"].as_f64().unwrap_or(0.0),
-        &us,
-        true,
-    );
-    row(
-        &mut out,
-        "round trip 1 B, p50",
-        &|r| r["rtt_1b"]["p50_us"].as_f64().unwrap_or(0.0),
-        &us,
-        true,
-    );
-    row(
-        &mut out,
-        "round trip 1 KiB, p50",
-        &|r| r["rtt_1k"]["p50_us"].as_f64().unwrap_or(0.0),
-        &us,
-        true,
-    );
-    row(
-        &mut out,
-        "proxy RSS idle (both ends), MiB",
-        &|r| f(r, "rss_idle_kib") / 1024.0,
-        &|v| format!("{v:.1}"),
-        false,
-    );
-    row(
-        &mut out,
-        "proxy RSS under load (both ends), MiB",
-        &|r| f(r, "rss_load_kib") / 1024.0,
-        &|v| format!("{v:.1}"),
-        false,
-    );
-    row(
-        &mut out,
-        "proxy CPU s per 1000 requests (both ends)",
-        &|r| f(r, "cpu_s_per_1000_req"),
-        &|v| format!("{v:.4}"),
-        false,
-    );
-    // Added latency over direct.
-    out.push_str("\nAdded latency over direct (same run):\n\n| | meshd tcp | meshd quic | haproxy mTLS |\n|---|---|---|---|\n");
-    let added = |out: &mut String, label: &str, get: &dyn Fn(&Value) -> f64| {
-        out.push_str(&format!("| {label} |"));
-        for r in &results[1..] {
-            out.push_str(&format!(" {:+.0} µs |", get(r) - get(direct)));
+    }
+    // Added latency: per round, the setup's figure minus direct's.
+    let signed = |v: f64| format!("{v:+.0} µs");
+    out.push_str(&format!(
+        "\nAdded latency over direct (median of the {n_rounds} per-round differences, lowest to highest in brackets):\n\n| | meshd tcp | meshd quic | haproxy mTLS |\n|---|---|---|---|\n"
+    ));
+    for row in rows.iter().filter(|r| r.latency) {
+        out.push_str(&format!("| {} |", row.label));
+        for r in results.iter().filter(|r| *r != direct) {
+            out.push_str(&format!(
+                " {} |",
+                spread(&paired(r, direct, row.get, diff), &signed)
+            ));
         }
         out.push('\n');
+    }
+    // The issue's targets for the meshd pair over TCP.
+    out.push_str(&format!(
+        "\nTargets for the meshd pair over TCP (median of {n_rounds} rounds; lowest to highest in brackets; rounds that met it):\n\n| target | measured | rounds met | |\n|---|---|---|---|\n"
+    ));
+    let x = |v: f64| format!("{v:.2}×");
+    let lat = |p: fn(&Value) -> f64| paired(tcp, direct, p, diff);
+    let rat = |p: fn(&Value) -> f64| paired(tcp, direct, p, ratio);
+    let own = |p: fn(&Value) -> f64| rounds_of(tcp).into_iter().map(p).collect::<Vec<f64>>();
+    type Format<'a> = &'a dyn Fn(f64) -> String;
+    let targets: Vec<(&str, Vec<f64>, Format<'_>, Better, f64)> = vec![
+        (
+            "added p50 latency, 1 connection ≤ 40 µs",
+            lat(|r| f(r, "latency1_p50_us")),
+            &signed,
+            Better::Lower,
+            40.0,
+        ),
+        (
+            "added p99 latency, 1 connection ≤ 200 µs",
+            lat(|r| f(r, "latency1_p99_us")),
+            &signed,
+            Better::Lower,
+            200.0,
+        ),
+        (
+            "round trip 1 B ≤ 3× direct",
+            rat(|r| f(&r["rtt_1b"], "p50_us")),
+            &x,
+            Better::Lower,
+            3.0,
+        ),
+        (
+            "round trip 1 KiB ≤ 3× direct",
+            rat(|r| f(&r["rtt_1k"], "p50_us")),
+            &x,
+            Better::Lower,
+            3.0,
+        ),
+        (
+            "requests/s on 32 connections ≥ 0.5× direct",
+            rat(|r| f(r, "rps_32")),
+            &x,
+            Better::Higher,
+            0.5,
+        ),
+        (
+            "new connections/s ≥ 0.4× direct",
+            rat(|r| f(r, "new_conns_per_s")),
+            &x,
+            Better::Higher,
+            0.4,
+        ),
+        (
+            "one-stream bulk ≥ 0.4× direct",
+            rat(|r| f(r, "bulk_gbps")),
+            &x,
+            Better::Higher,
+            0.4,
+        ),
+        (
+            "CPU s per 1,000 requests (both ends) ≤ 0.03",
+            own(|r| f(r, "cpu_s_per_1000_req")),
+            &|v| format!("{v:.4}"),
+            Better::Lower,
+            0.03,
+        ),
+        // 10 MB per meshd: the pair's idle RSS halved.
+        (
+            "idle RSS per meshd ≤ 10 MB",
+            own(|r| f(r, "rss_idle_kib") * 1024.0 / 2.0 / 1e6),
+            &|v| format!("{v:.2} MB"),
+            Better::Lower,
+            10.0,
+        ),
+    ];
+    let meets = |v: f64, better: Better, limit: f64| match better {
+        Better::Lower => v <= limit,
+        Better::Higher => v >= limit,
     };
-    added(&mut out, "p50, 1 keep-alive conn", &|r| {
-        f(r, "latency1_p50_us")
-    });
-    added(&mut out, "p99, 1 keep-alive conn", &|r| {
-        f(r, "latency1_p99_us")
-    });
-    added(&mut out, "p50 at 1000 req/s (open loop)", &|r| {
-        r["open_loop"]["p50_us"].as_f64().unwrap_or(0.0)
-    });
-    added(&mut out, "p99 at 1000 req/s (open loop)", &|r| {
-        r["open_loop"]["p99_us"].as_f64().unwrap_or(0.0)
-    });
+    for (label, values, fmt, better, limit) in &targets {
+        let met = values
+            .iter()
+            .filter(|v| meets(**v, *better, *limit))
+            .count();
+        let verdict = if meets(median(values.clone()), *better, *limit) {
+            "met"
+        } else {
+            "**missed**"
+        };
+        out.push_str(&format!(
+            "| {label} | {} | {met} of {} | {verdict} |\n",
+            spread(values, fmt),
+            values.len()
+        ));
+    }
+    if let Some(haproxy) = haproxy {
+        out.push_str(&haproxy_comparison(tcp, haproxy, &rows));
+    }
+    out
+}
+
+/// meshd over TCP against the HAProxy pair, line by line and round by
+/// round. Within 3% of each other counts as level: no line here repeats
+/// more closely than that.
+fn haproxy_comparison(tcp: &Value, haproxy: &Value, rows: &[Row]) -> String {
+    let mut out = String::from(
+        "\nmeshd tcp against the HAProxy pair (rounds in which meshd was better; level: medians within 3%):\n\n| | meshd tcp | haproxy mTLS | meshd better in | |\n|---|---|---|---|---|\n",
+    );
+    let (mut ahead, mut level, mut behind) = (0, 0, 0);
+    for row in rows {
+        let better = |a: f64, b: f64| match row.better {
+            Better::Lower => a < b,
+            Better::Higher => a > b,
+        };
+        let pairs: Vec<(f64, f64)> = rounds_of(tcp)
+            .into_iter()
+            .zip(rounds_of(haproxy))
+            .map(|(a, b)| ((row.get)(a), (row.get)(b)))
+            .collect();
+        let wins = pairs.iter().filter(|(a, b)| better(*a, *b)).count();
+        let (m, h) = ((row.get)(tcp), (row.get)(haproxy));
+        let close = (m - h).abs() <= 0.03 * m.abs().max(h.abs());
+        let verdict = if close {
+            level += 1;
+            "level"
+        } else if better(m, h) && wins * 2 > pairs.len() {
+            ahead += 1;
+            "ahead"
+        } else if better(h, m) && wins * 2 < pairs.len() {
+            behind += 1;
+            "**behind**"
+        } else {
+            level += 1;
+            "level (mixed rounds)"
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {wins} of {} | {verdict} |\n",
+            row.label,
+            (row.fmt)(m),
+            (row.fmt)(h),
+            pairs.len()
+        ));
+    }
+    out.push_str(&format!(
+        "\nmeshd tcp against HAProxy: ahead on {ahead} of {} lines, level on {level}, behind on {behind}.\n",
+        rows.len()
+    ));
     out
 }
 
@@ -967,8 +1289,9 @@ const END: &str = "<!-- bench-dataplane:end -->";
 fn update_docs(path: &Path, table: &str, report: &Value) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let block = format!(
-        "{BEGIN}\n\nMeasured by `make bench-dataplane` ({} s per measurement, {} cores, kernel {}):\n\n{table}\n![latency percentiles](bench/dataplane-latency.svg)\n\n{END}",
+        "{BEGIN}\n\nMeasured by `make bench-dataplane` ({} s per measurement, {} rounds with the setups interleaved, {} cores, kernel {}):\n\n{table}\n![latency percentiles](bench/dataplane-latency.svg)\n\n{END}",
         report["seconds_per_measurement"],
+        report["rounds"],
         report["cores"],
         report["kernel"].as_str().unwrap_or_default()
     );
@@ -977,4 +1300,119 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
         _ => format!("{text}\n{block}\n"),
     };
     write(path, &new);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(p50: f64, rps32: f64, bulk: f64, rss: f64) -> Value {
+        json!({
+            "latency1_p50_us": p50, "latency1_p99_us": p50 * 4.0, "rps_1": 1e6 / p50,
+            "rps_32": rps32, "new_conns_per_s": rps32 / 2.0, "bulk_gbps": bulk,
+            "open_loop": {"p50_us": p50, "p90_us": p50, "p99_us": p50, "p99.9_us": p50},
+            "rtt_1b": {"p50_us": p50}, "rtt_1k": {"p50_us": p50},
+            "rss_idle_kib": rss, "rss_load_kib": rss, "cpu_s_per_1000_req": 0.02,
+        })
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn summaries_take_medians_of_nested_figures_and_the_peak_rss() {
+        let s = summarize(
+            "x",
+            vec![
+                round(100.0, 10.0, 1.0, 900.0),
+                round(300.0, 30.0, 3.0, 1000.0),
+                round(200.0, 20.0, 2.0, 950.0),
+            ],
+        );
+        assert_eq!(f(&s, "latency1_p50_us"), 200.0);
+        assert_eq!(f(&s["open_loop"], "p50_us"), 200.0);
+        assert_eq!(f(&s, "rss_load_kib"), 1000.0);
+        assert_eq!(s["setup"], "x");
+        assert_eq!(s["rounds"].as_array().map(Vec::len), Some(3));
+    }
+
+    #[test]
+    fn ratios_and_differences_pair_rounds() {
+        // Direct drifts by 2x between rounds; the proxy is always 1.5x it.
+        let direct = summarize(
+            "direct",
+            vec![round(100.0, 0.0, 0.0, 0.0), round(200.0, 0.0, 0.0, 0.0)],
+        );
+        let proxy = summarize(
+            "p",
+            vec![round(150.0, 0.0, 0.0, 0.0), round(300.0, 0.0, 0.0, 0.0)],
+        );
+        let get: fn(&Value) -> f64 = |r| f(r, "latency1_p50_us");
+        assert_eq!(paired(&proxy, &direct, get, ratio), vec![1.5, 1.5]);
+        assert_eq!(paired(&proxy, &direct, get, diff), vec![50.0, 100.0]);
+        // A zero denominator is left out rather than reported as infinite.
+        let bulk: fn(&Value) -> f64 = |r| f(r, "bulk_gbps");
+        assert!(paired(&proxy, &direct, bulk, ratio).is_empty());
+    }
+
+    #[test]
+    fn the_tables_judge_targets_and_haproxy_round_by_round() {
+        let direct = summarize(
+            "direct",
+            vec![
+                round(100.0, 1000.0, 10.0, 0.0),
+                round(100.0, 1000.0, 10.0, 0.0),
+                round(100.0, 1000.0, 10.0, 0.0),
+            ],
+        );
+        // 30 µs added, 0.6x on 32 connections, bulk 0.3x in two rounds of three.
+        let tcp = summarize(
+            "meshd tcp",
+            vec![
+                round(130.0, 600.0, 3.0, 18000.0),
+                round(130.0, 600.0, 5.0, 18000.0),
+                round(130.0, 600.0, 3.0, 18000.0),
+            ],
+        );
+        let quic = summarize("meshd quic", vec![round(140.0, 500.0, 3.0, 20000.0); 3]);
+        // HAProxy: slower on latency, faster on bulk in every round.
+        let haproxy = summarize("haproxy", vec![round(150.0, 600.0, 6.0, 30000.0); 3]);
+        let md = markdown(&[direct, tcp, quic, haproxy]);
+        assert!(md.contains("| added p50 latency, 1 connection ≤ 40 µs | +30 µs (+30 µs to +30 µs) | 3 of 3 | met |"), "{md}");
+        assert!(
+            md.contains(
+                "| one-stream bulk ≥ 0.4× direct | 0.30× (0.30× to 0.50×) | 1 of 3 | **missed** |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| requests/s, 32 conns | 1000 | 600 (0.60×) | 500 (0.50×) | 600 (0.60×) |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| p50 latency, 1 keep-alive conn | 130 µs | 150 µs | 3 of 3 | ahead |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| one-stream bulk, Gbit/s | 3.00 | 6.00 | 0 of 3 | **behind** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| requests/s, 32 conns | 600 | 600 | 0 of 3 | level |"),
+            "{md}"
+        );
+        // 18000 KiB for both ends = 9.2 MB per meshd.
+        assert!(
+            md.contains(
+                "| idle RSS per meshd ≤ 10 MB | 9.22 MB (9.22 MB to 9.22 MB) | 3 of 3 | met |"
+            ),
+            "{md}"
+        );
+    }
 }
