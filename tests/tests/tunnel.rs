@@ -7,12 +7,15 @@
 //! that answers for another group's service is refused, a host of another
 //! mesh (another CA, the same trust domain) is refused, the server learns
 //! the caller's verified identity, half-close crosses the tunnel, and
-//! certificates rotate under an open stream without dropping it.
+//! certificates rotate under an open stream without dropping it, and the
+//! app's first bytes sent with the request arrive once, in order, and
+//! never through a stream the caller gave up on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::FutureExt;
 use hostmesh_api::pki::CertInfo;
 use hostmesh_api::spiffe::SpiffeId;
@@ -128,11 +131,24 @@ async fn connect_through(
     expect: &SpiffeId,
     app: SocketAddr,
 ) -> Result<TcpStream, TunnelError> {
+    connect_with_early(pool, server, expect, app, &[]).await
+}
+
+/// [`connect_through`], the app having sent `early` before the stream was
+/// opened (the outbound proxy reads it first and sends it with the
+/// request).
+async fn connect_with_early(
+    pool: &Pool,
+    server: SocketAddr,
+    expect: &SpiffeId,
+    app: SocketAddr,
+    early: &[Bytes],
+) -> Result<TcpStream, TunnelError> {
     let key = PeerKey {
         addr: server,
         identity: Arc::new(expect.clone()),
     };
-    let stream = pool.open(&key, &app.to_string(), "web.shop").await?;
+    let stream = pool.open(&key, &app.to_string(), "web.shop", early).await?;
     let (halves, guard) = hostmesh_meshd::tunnel::Stream::H2(stream).into_halves();
     let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(local.local_addr().unwrap())
@@ -388,4 +404,105 @@ async fn idle_connections_are_closed_and_departed_peers_forgotten() {
         .unwrap();
     assert_eq!(round_trip(&mut again, b"y").await, b"y");
     assert_eq!(pool.handshakes(), 2);
+}
+
+#[tokio::test]
+async fn the_apps_first_bytes_go_with_the_request_and_arrive_once_in_order() {
+    let (_mesh, web, client, app, _srv) = web_and_client().await;
+    let srv = tunnel_server(web.clone()).await;
+    let (pool, _) = new_pool(client.clone());
+    let early = [
+        Bytes::from_static(b"GET / "),
+        Bytes::from_static(b"HTTP/1.1\r\n"),
+    ];
+    // Refused (nothing listens there): the bytes went nowhere, and the
+    // caller still has them for the next endpoint.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    match connect_with_early(&pool, srv.addr, web.spiffe_id(), closed, &early).await {
+        Err(TunnelError::Refused { status: 502, .. }) => {}
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    let mut s = connect_with_early(&pool, srv.addr, web.spiffe_id(), app, &early)
+        .await
+        .unwrap();
+    // The echo app saw the early bytes once, then what followed.
+    assert_eq!(round_trip(&mut s, b"Host: web\r\n").await, b"GET / HTTP/");
+    let mut seen = Vec::new();
+    s.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut seen))
+        .await
+        .expect("EOF after the app closed")
+        .unwrap();
+    // The rest follows in order, and nothing twice.
+    assert_eq!(seen, b"1.1\r\nHost: web\r\n");
+    assert_eq!(pool.handshakes(), 1);
+}
+
+#[tokio::test]
+async fn early_bytes_of_a_stream_the_caller_gave_up_on_never_reach_the_app() {
+    let (_mesh, web, client, _app, _srv) = web_and_client().await;
+    // A server slower to answer than the caller waits (its app takes a
+    // second to connect to), reporting whether it could still accept.
+    let tls = TlsConfigs::new(web.clone()).unwrap();
+    tokio::spawn(tls.clone().follow());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut accepted) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |req: InboundRequest| {
+        let tx = tx.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = tx.send(req.stream.accept().await.map(|_| ()));
+        }
+        .boxed()
+    });
+    let (_trigger, drain) = hostmesh_meshd::drain::new();
+    tokio::spawn(server::serve(
+        listener,
+        hostmesh_meshd::workers::Workers::new(tokio::runtime::Handle::current(), Vec::new()),
+        tls,
+        ServerSettings::default(),
+        handler,
+        drain,
+        Counter::default(),
+    ));
+    let ctls = TlsConfigs::new(client.clone()).unwrap();
+    let pool = Pool::new(
+        ctls,
+        PoolSettings {
+            connect_timeout: Duration::from_millis(200),
+            ..PoolSettings::default()
+        },
+    );
+    let key = PeerKey {
+        addr,
+        identity: Arc::new(web.spiffe_id().clone()),
+    };
+    let started = std::time::Instant::now();
+    let err = pool
+        .open(
+            &key,
+            "127.0.0.1:9",
+            "web.shop",
+            &[Bytes::from_static(b"POST /pay")],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // The caller is free to try elsewhere: this server must not deliver.
+    let late = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("the server to get to its answer")
+        .expect("a result");
+    let why = late.unwrap_err();
+    assert!(why.contains("reset") || why.contains("gone"), "{why}");
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hostmesh_api::spiffe::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -33,10 +34,41 @@ pub struct Outbound {
     pub access_log: bool,
 }
 
+/// Early bytes read at most: a request line and headers, typically.
+const EARLY_MAX: usize = 16 * 1024;
+
+/// What the app has sent already, read without waiting, to go out with
+/// the CONNECT request (see [`crate::tunnel::hbone::Pool::open`]). None
+/// when nothing is there yet (a protocol where the server speaks first,
+/// or a client still sending): the splice then reads as usual. An end of
+/// stream is left for the splice to read again.
+fn early_data(socket: &TcpStream) -> std::io::Result<Option<Bytes>> {
+    let sock = socket2::SockRef::from(socket);
+    let mut reader: &socket2::Socket = &sock;
+    let mut buf = [0u8; EARLY_MAX];
+    match std::io::Read::read(&mut reader, &mut buf) {
+        Ok(0) => Ok(None),
+        Ok(n) => Ok(Some(Bytes::copy_from_slice(&buf[..n]))),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Where a redirected connection was going.
 pub fn original_dst(socket: &TcpStream) -> std::io::Result<SocketAddr> {
+    original_dst_at(socket, socket.local_addr()?)
+}
+
+/// [`original_dst`] for a socket whose local address is known.
+fn original_dst_at(socket: &TcpStream, local: SocketAddr) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(socket);
-    let local = socket.local_addr()?;
     let addr = if local.is_ipv4() {
         sock.original_dst_v4()?
     } else {
@@ -84,7 +116,11 @@ impl Outbound {
     async fn handle(&self, socket: TcpStream, src: SocketAddr) {
         let _ = socket.set_nodelay(true);
         let started = Instant::now();
-        let dst = match original_dst(&socket) {
+        let local = socket.local_addr().ok();
+        let dst = match local
+            .ok_or_else(|| std::io::Error::other("no local address"))
+            .and_then(|local| original_dst_at(&socket, local))
+        {
             Ok(d) => d,
             Err(e) => {
                 self.metrics.fail("outbound", "", "", "no_original_dst");
@@ -92,7 +128,7 @@ impl Outbound {
                 return;
             }
         };
-        if Some(dst) == socket.local_addr().ok() {
+        if Some(dst) == local {
             // Someone connected to the listener itself: refusing avoids a loop.
             self.metrics.fail("outbound", "", "", "direct_to_listener");
             return;
@@ -123,6 +159,15 @@ impl Outbound {
             .transport
             .or_else(|| state.me.as_ref().and_then(|m| m.transport))
             .unwrap_or(Transport::Tcp);
+        let early = match early_data(&socket) {
+            Ok(e) => e,
+            Err(e) => {
+                // Reset by the app before anything was opened for it.
+                tracing::debug!(%src, %dst, error = %e, "outbound connection failed before a tunnel was opened");
+                return;
+            }
+        };
+        let early: &[Bytes] = early.as_slice();
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<TunnelError> = None;
         let mut opened = None;
@@ -156,6 +201,7 @@ impl Outbound {
                     mode,
                     &authority,
                     &format!("{svc_name}:{port}"),
+                    early,
                 )
                 .await
             {
@@ -214,6 +260,8 @@ impl Outbound {
         });
         active.inc();
         let counters = Arc::new(Counters::default());
+        let early_len: usize = early.iter().map(Bytes::len).sum();
+        counters.sent.fetch_add(early_len as u64, Ordering::Relaxed);
         let transport = stream.transport();
         let (halves, guard) = stream.into_halves();
         let (end, error) = splice(socket, halves, counters.clone()).await;

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::{self, Expect, SpiffeClientVerifier, SpiffeServerVerifier};
 use rustls::{ClientConfig, ServerConfig};
@@ -245,6 +246,10 @@ impl Tunnels {
     /// Opens a stream to `authority` through the tunnel to `key`, over QUIC
     /// when `mode` asks for it and the peer offers it (falling back to TCP
     /// when QUIC gets no answer), else over TCP.
+    ///
+    /// `early` is what the app has already sent: it follows the request at
+    /// once instead of a round trip later, when the answer comes (see
+    /// [`hbone::Pool::open`]). Every attempt sends it again.
     pub async fn open(
         &self,
         key: &PeerKey,
@@ -252,11 +257,12 @@ impl Tunnels {
         mode: Transport,
         authority: &str,
         service: &str,
+        early: &[Bytes],
     ) -> Result<Stream, TunnelError> {
         if let Some(q) = &self.quic {
             let want_quic = mode != Transport::Tcp && peer_offers_quic;
             if want_quic && !q.is_broken(key.addr) {
-                match q.open(key, authority, service).await {
+                match q.open(key, authority, service, early).await {
                     Ok(s) => return Ok(Stream::Quic(s)),
                     Err(e) if q.is_broken(key.addr) => {
                         tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for it");
@@ -265,6 +271,9 @@ impl Tunnels {
                 }
             }
         }
-        self.h2.open(key, authority, service).await.map(Stream::H2)
+        self.h2
+            .open(key, authority, service, early)
+            .await
+            .map(Stream::H2)
     }
 }

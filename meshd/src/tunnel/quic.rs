@@ -18,6 +18,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+
+use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -344,6 +346,7 @@ impl QuicPool {
         key: &PeerKey,
         authority: &str,
         service: &str,
+        early: &[Bytes],
     ) -> Result<QuicStream, TunnelError> {
         let addr = key.addr;
         let (conn, active) = self.connection(key).await?;
@@ -359,6 +362,14 @@ impl QuicPool {
         send.write_all(&encode_request(authority, service))
             .await
             .map_err(|e| proto(format!("QUIC stream: {e}")))?;
+        // The app's first bytes right behind the request (see
+        // `hbone::Pool::open`); on a timeout below the whole connection is
+        // closed, so the peer cannot deliver them after all.
+        for chunk in early {
+            send.write_chunk(chunk.clone())
+                .await
+                .map_err(|e| proto(format!("QUIC stream: {e}")))?;
+        }
         let mut status = [0u8; 2];
         match tokio::time::timeout(timeout * 2, recv.read_exact(&mut status)).await {
             Ok(Ok(())) => {}

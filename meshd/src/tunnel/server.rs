@@ -65,6 +65,18 @@ impl InboundStream {
     pub async fn accept(self) -> Result<super::splice::Halves, String> {
         match self {
             InboundStream::H2 { recv, mut respond } => {
+                // A caller that stopped waiting for the answer has reset the
+                // stream and may be sending its first bytes (already
+                // buffered here) to another endpoint: they must not reach
+                // this app as well.
+                let reset =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(respond.poll_reset(cx))).await;
+                if let std::task::Poll::Ready(r) = reset {
+                    return Err(match r {
+                        Ok(reason) => format!("the caller reset the stream ({reason:?})"),
+                        Err(e) => format!("the stream is gone: {e}"),
+                    });
+                }
                 let send = respond
                     .send_response(status(200), false)
                     .map_err(|e| e.to_string())?;
