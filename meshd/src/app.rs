@@ -300,6 +300,7 @@ impl Meshd {
                 connect_timeout: config.proxy.connect_timeout.get(),
                 max_connections: config.proxy.max_connections_per_peer,
                 mark,
+                congestion: config.proxy.tunnel_congestion.clone(),
                 ..PoolSettings::default()
             },
         ));
@@ -392,7 +393,10 @@ impl Meshd {
                 tunnel_listener,
                 workers.clone(),
                 tls.clone(),
-                ServerSettings::default(),
+                ServerSettings {
+                    congestion: config.proxy.tunnel_congestion.clone(),
+                    ..ServerSettings::default()
+                },
                 handler.clone(),
                 drain.clone(),
                 proxy_metrics.handshake_failures.clone(),

@@ -35,6 +35,8 @@ pub struct PoolSettings {
     pub max_frame_size: u32,
     /// A connection that carried no stream for this long is closed.
     pub idle_timeout: Duration,
+    /// TCP congestion control of tunnel sockets (None: the system's).
+    pub congestion: Option<String>,
 }
 
 impl Default for PoolSettings {
@@ -48,6 +50,7 @@ impl Default for PoolSettings {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 64 * 1024,
             idle_timeout: Duration::from_secs(300),
+            congestion: None,
         }
     }
 }
@@ -224,10 +227,12 @@ impl Pool {
             }
         };
         let _ = tcp.set_nodelay(true);
+        super::set_congestion(&tcp, self.settings.congestion.as_deref());
         let config = self.tls.client_for(&key.identity)?;
         let connector = TlsConnector::from(config);
         let server_name = hostmesh_api::tls::server_name_for(&key.identity);
-        let tls = match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await {
+        let mut tls = match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 return Err(TunnelError::Handshake {
@@ -245,6 +250,9 @@ impl Pool {
             }
         };
         self.handshakes.fetch_add(1, Ordering::Relaxed);
+        tls.get_mut()
+            .1
+            .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(self.settings.stream_window)

@@ -236,6 +236,27 @@ impl Stream {
     }
 }
 
+/// Encrypted bytes rustls may hold for a tunnel socket before it stops
+/// taking plaintext (its default is 64 KiB).
+///
+/// It must hold a whole HTTP/2 DATA frame (64 KiB, see `splice::ReadSize`)
+/// with its header and the records' overhead, and more behind it: with the
+/// default, rustls took all but the last ~100 bytes of each frame, and the
+/// rest went out as a record of its own in a second `writev`, with
+/// TCP_NODELAY as a segment of its own (strace: two `writev` per 64 KiB,
+/// one of 31 bytes).
+pub const TLS_SEND_BUFFER: usize = 256 * 1024;
+
+/// Sets a tunnel socket's TCP congestion control (`proxy.tunnel_congestion`
+/// in meshd.toml); on failure the system's default stays, with a warning.
+pub fn set_congestion(socket: &tokio::net::TcpStream, name: Option<&str>) {
+    if let Some(name) = name
+        && let Err(e) = socket2::SockRef::from(socket).set_tcp_congestion(name.as_bytes())
+    {
+        tracing::warn!(congestion = name, error = %e, "could not set a tunnel socket's congestion control; the system default stays");
+    }
+}
+
 /// Both tunnel clients.
 pub struct Tunnels {
     pub h2: Arc<hbone::Pool>,

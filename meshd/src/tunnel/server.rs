@@ -99,6 +99,8 @@ pub struct ServerSettings {
     pub connection_window: u32,
     pub max_frame_size: u32,
     pub max_streams: u32,
+    /// TCP congestion control of tunnel sockets (None: the system's).
+    pub congestion: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -109,6 +111,7 @@ impl Default for ServerSettings {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 64 * 1024,
             max_streams: 1000,
+            congestion: None,
         }
     }
 }
@@ -135,6 +138,7 @@ pub async fn serve(
             _ = drain.signaled() => return,
         };
         let _ = tcp.set_nodelay(true);
+        super::set_congestion(&tcp, settings.congestion.as_deref());
         // The dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
         let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
         let tls = tls.clone();
@@ -144,7 +148,7 @@ pub async fn serve(
         let failures = handshake_failures.clone();
         workers.dispatch(tcp, move |tcp| async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.server());
-            let stream = match tokio::time::timeout(
+            let mut stream = match tokio::time::timeout(
                 settings.handshake_timeout,
                 acceptor.accept(tcp),
             )
@@ -162,6 +166,10 @@ pub async fn serve(
                     return;
                 }
             };
+            stream
+                .get_mut()
+                .1
+                .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
             let identity = stream
                 .get_ref()
                 .1

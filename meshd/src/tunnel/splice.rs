@@ -14,8 +14,54 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Reads from the socket at most this much at a time.
-const READ_CHUNK: usize = 64 * 1024;
+/// How much to read from the app's socket next: one TLS record's worth of
+/// plaintext at first (what a request or an answer needs), doubling each
+/// time a read fills it (a transfer in bulk), up to [`ReadSize::MAX_RECORDS`].
+/// Each size is whole records once HTTP/2's 9-byte frame header is added,
+/// so no frame ends in a record of a few bytes.
+///
+/// Bulk goes out in 64 KiB frames (measured against 16 KiB ones: 0.45-0.50
+/// of direct against 0.42; 256 KiB ones measured no better, and make the
+/// receiving side hold whole frames that big). A connection that only
+/// exchanges small messages keeps a 16 KiB buffer instead of 64 KiB.
+struct ReadSize {
+    records: usize,
+}
+
+impl ReadSize {
+    const MAX_RECORDS: usize = 4;
+
+    fn new() -> ReadSize {
+        ReadSize { records: 1 }
+    }
+
+    fn bytes(&self) -> usize {
+        self.records * 16 * 1024 - 9
+    }
+
+    /// After a read of `got` bytes.
+    fn grow_after(&mut self, got: usize) {
+        if got >= self.bytes() && self.records < Self::MAX_RECORDS {
+            self.records *= 2;
+        }
+    }
+}
+
+/// One read of at most `size.bytes()` into `buf`, which it grows if need be.
+async fn read_sized<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    size: &mut ReadSize,
+) -> std::io::Result<usize> {
+    use bytes::BufMut;
+    let want = size.bytes();
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+    let n = read.read_buf(&mut (&mut *buf).limit(want)).await?;
+    size.grow_after(n);
+    Ok(n)
+}
 
 /// Bytes moved so far, readable while the splice runs.
 #[derive(Debug, Default)]
@@ -56,12 +102,12 @@ async fn socket_to_h2<R: AsyncRead + Unpin>(
     tx: &mut h2::SendStream<Bytes>,
     counters: &Counters,
 ) -> Result<(), Side> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
+    let mut size = ReadSize::new();
     loop {
-        if buf.capacity() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        let n = read.read_buf(&mut buf).await.map_err(Side::Local)?;
+        let n = read_sized(&mut read, &mut buf, &mut size)
+            .await
+            .map_err(Side::Local)?;
         if n == 0 {
             return tx
                 .send_data(Bytes::new(), true)
@@ -125,12 +171,12 @@ async fn socket_to_quic<R: AsyncRead + Unpin>(
     tx: &mut quinn::SendStream,
     counters: &Counters,
 ) -> Result<(), Side> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = BytesMut::new();
+    let mut size = ReadSize::new();
     loop {
-        if buf.capacity() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        let n = read.read_buf(&mut buf).await.map_err(Side::Local)?;
+        let n = read_sized(&mut read, &mut buf, &mut size)
+            .await
+            .map_err(Side::Local)?;
         if n == 0 {
             return tx.finish().map_err(|e| Side::Peer(e.to_string()));
         }
@@ -298,6 +344,22 @@ async fn splice_h2(
 #[cfg(test)]
 mod chunk_tests {
     use super::*;
+
+    #[test]
+    fn reads_grow_while_they_fill_and_frames_stay_whole_records() {
+        let mut size = ReadSize::new();
+        assert_eq!(size.bytes() + 9, 16 * 1024);
+        // A short read (a request) keeps it small.
+        size.grow_after(500);
+        assert_eq!(size.bytes() + 9, 16 * 1024);
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            size.grow_after(size.bytes());
+            seen.push((size.bytes() + 9) / (16 * 1024));
+        }
+        assert_eq!(seen, [2, 4, 4, 4, 4, 4, 4, 4]);
+        assert_eq!((size.bytes() + 9) % (16 * 1024), 0);
+    }
 
     #[tokio::test]
     async fn chunks_arrive_whole_and_in_order_through_partial_writes() {

@@ -46,6 +46,8 @@ struct Options {
     rounds: usize,
     /// meshd's data-plane worker threads (0: meshd's default, half the cores).
     workers: usize,
+    /// meshd's `proxy.tunnel_congestion` (None: meshd's default, the system's).
+    tunnel_congestion: Option<String>,
     oha: PathBuf,
     out_dir: PathBuf,
     update_docs: Option<PathBuf>,
@@ -56,7 +58,7 @@ struct Options {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -92,6 +94,7 @@ fn main() {
         seconds: 5,
         rounds: 3,
         workers: 0,
+        tunnel_congestion: None,
         oha: PathBuf::from("target/tools/bin/oha"),
         out_dir: PathBuf::from("target/bench"),
         update_docs: None,
@@ -115,6 +118,9 @@ fn main() {
                     .and_then(|s| s.parse().ok())
                     .filter(|n| *n > 0)
                     .unwrap_or_else(|| usage())
+            }
+            "--tunnel-congestion" => {
+                o.tunnel_congestion = Some(it.next().unwrap_or_else(|| usage()))
             }
             "--workers" => {
                 o.workers = it
@@ -509,9 +515,10 @@ fn run(o: &Options) {
     m.join(SERVER, "bench/server");
     m.join(CLIENT, "bench/client");
     m.join(CLIENT_QUIC, "bench/client");
-    start_quiet_meshd(&mut m, SERVER, "tcp", o.workers);
-    start_quiet_meshd(&mut m, CLIENT, "tcp", o.workers);
-    start_quiet_meshd(&mut m, CLIENT_QUIC, "quic", o.workers);
+    let cc = o.tunnel_congestion.as_deref();
+    start_quiet_meshd(&mut m, SERVER, "tcp", o.workers, cc);
+    start_quiet_meshd(&mut m, CLIENT, "tcp", o.workers, cc);
+    start_quiet_meshd(&mut m, CLIENT_QUIC, "quic", o.workers, cc);
     for h in [CLIENT, CLIENT_QUIC] {
         m.eventually("healthy endpoints", Duration::from_secs(30), || {
             let config = m.config(h);
@@ -785,6 +792,7 @@ fn run(o: &Options) {
         "seconds_per_measurement": secs,
         "rounds": rounds,
         "meshd_worker_threads": o.workers,
+        "meshd_tunnel_congestion": o.tunnel_congestion,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": String::from_utf8_lossy(&output(Command::new("uname").arg("-r")).stdout).trim(),
         "results": results,
@@ -809,15 +817,24 @@ fn run(o: &Options) {
     }
 }
 
-fn start_quiet_meshd(m: &mut MeshLab, host: usize, transport: &str, workers: usize) {
+fn start_quiet_meshd(
+    m: &mut MeshLab,
+    host: usize,
+    transport: &str,
+    workers: usize,
+    congestion: Option<&str>,
+) {
     // Release meshd with warn-level logs and no access log: the benchmark
     // measures the proxy, not the log writer.
     let config = m.lab.dir.path().join(format!("bench-meshd{host}.toml"));
     write(
         &config,
         &format!(
-            "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"warn\"\naccess_log = false\n[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n",
-            m.state_dir(host).display().to_string()
+            "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"warn\"\naccess_log = false\n[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n{}",
+            m.state_dir(host).display().to_string(),
+            congestion
+                .map(|c| format!("tunnel_congestion = {c:?}\n"))
+                .unwrap_or_default()
         ),
     );
     let conf = config.display().to_string();
