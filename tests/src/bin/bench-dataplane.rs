@@ -19,8 +19,12 @@
 //! latency-corrected), proxy RSS idle and under load, proxy CPU seconds per
 //! 1,000 requests, and round trips of 1 byte and 1 KiB on one connection
 //! (a small echo client in this binary). Everything is reported as a ratio
-//! to direct, measured in the same run. Results go to a JSON file, an SVG
-//! plot of latency percentiles, and (with --update-docs) docs/BENCHMARKS.md.
+//! to direct, measured in the same run: each measurement runs for every
+//! setup in turn, `--rounds` times (3), and the tables give medians of
+//! per-round figures and of per-round ratios and differences; the run
+//! judges the targets and compares meshd with HAProxy line by line.
+//! Results go to a JSON file, an SVG plot of latency percentiles, and (with
+//! --update-docs) docs/BENCHMARKS.md.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
