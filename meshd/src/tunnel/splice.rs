@@ -39,15 +39,18 @@ impl ReadSize {
         self.records * 16 * 1024 - 9
     }
 
-    /// After a read of `got` bytes.
-    fn grow_after(&mut self, got: usize) {
-        if got >= self.bytes() && self.records < Self::MAX_RECORDS {
+    /// After a read of `got` bytes that asked for `asked`: one that filled
+    /// its room means more is waiting.
+    fn grow_after(&mut self, got: usize, asked: usize) {
+        if got >= asked && self.records < Self::MAX_RECORDS {
             self.records *= 2;
         }
     }
 }
 
-/// One read of at most `size.bytes()` into `buf`, which it grows if need be.
+/// One read of at most `size.bytes()` into `buf`. Small reads share one
+/// allocation (what is read goes to HTTP/2 as a slice of it) until less
+/// than a quarter of a read's room is left; then a new one is taken.
 async fn read_sized<R: AsyncRead + Unpin>(
     read: &mut R,
     buf: &mut BytesMut,
@@ -55,11 +58,12 @@ async fn read_sized<R: AsyncRead + Unpin>(
 ) -> std::io::Result<usize> {
     use bytes::BufMut;
     let want = size.bytes();
-    if buf.capacity() - buf.len() < want {
+    if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }
-    let n = read.read_buf(&mut (&mut *buf).limit(want)).await?;
-    size.grow_after(n);
+    let asked = want.min(buf.capacity() - buf.len());
+    let n = read.read_buf(&mut (&mut *buf).limit(asked)).await?;
+    size.grow_after(n, asked);
     Ok(n)
 }
 
@@ -350,14 +354,17 @@ mod chunk_tests {
         let mut size = ReadSize::new();
         assert_eq!(size.bytes() + 9, 16 * 1024);
         // A short read (a request) keeps it small.
-        size.grow_after(500);
+        size.grow_after(500, size.bytes());
         assert_eq!(size.bytes() + 9, 16 * 1024);
+        // A read that filled what was left of the buffer counts as full.
+        size.grow_after(3000, 3000);
+        assert_eq!(size.bytes() + 9, 32 * 1024);
         let mut seen = Vec::new();
-        for _ in 0..8 {
-            size.grow_after(size.bytes());
+        for _ in 0..7 {
+            size.grow_after(size.bytes(), size.bytes());
             seen.push((size.bytes() + 9) / (16 * 1024));
         }
-        assert_eq!(seen, [2, 4, 4, 4, 4, 4, 4, 4]);
+        assert_eq!(seen, [4, 4, 4, 4, 4, 4, 4]);
         assert_eq!((size.bytes() + 9) % (16 * 1024), 0);
     }
 
