@@ -61,13 +61,9 @@ fn early_data(socket: &TcpStream) -> std::io::Result<Option<Bytes>> {
     }
 }
 
-/// Where a redirected connection was going.
-pub fn original_dst(socket: &TcpStream) -> std::io::Result<SocketAddr> {
-    original_dst_at(socket, socket.local_addr()?)
-}
-
-/// [`original_dst`] for a socket whose local address is known.
-fn original_dst_at(socket: &TcpStream, local: SocketAddr) -> std::io::Result<SocketAddr> {
+/// Where a redirected connection was going; `local` is the socket's own
+/// address (which family to ask for).
+fn original_dst(socket: &TcpStream, local: SocketAddr) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(socket);
     let addr = if local.is_ipv4() {
         sock.original_dst_v4()?
@@ -116,19 +112,18 @@ impl Outbound {
     async fn handle(&self, socket: TcpStream, src: SocketAddr) {
         let _ = socket.set_nodelay(true);
         let started = Instant::now();
-        let local = socket.local_addr().ok();
-        let dst = match local
-            .ok_or_else(|| std::io::Error::other("no local address"))
-            .and_then(|local| original_dst_at(&socket, local))
+        let (local, dst) = match socket
+            .local_addr()
+            .and_then(|local| Ok((local, original_dst(&socket, local)?)))
         {
-            Ok(d) => d,
+            Ok(v) => v,
             Err(e) => {
                 self.metrics.fail("outbound", "", "", "no_original_dst");
                 tracing::warn!(%src, error = %e, "outbound connection without an original destination (not redirected?)");
                 return;
             }
         };
-        if Some(dst) == local {
+        if dst == local {
             // Someone connected to the listener itself: refusing avoids a loop.
             self.metrics.fail("outbound", "", "", "direct_to_listener");
             return;

@@ -18,12 +18,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-
-use bytes::Bytes;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::{self, Expect, SpiffeClientVerifier, SpiffeServerVerifier};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
