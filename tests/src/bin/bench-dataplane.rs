@@ -23,6 +23,8 @@
 //! setup in turn, `--rounds` times (3), and the tables give medians of
 //! per-round figures and of per-round ratios and differences; the run
 //! judges the issue's targets and compares meshd with HAProxy line by line.
+//! The client hosts run on one half of the cores and the server host on the
+//! other (`--no-pin` to leave placement to the scheduler; see [`Pinning`]).
 //! Results go to a JSON file, an SVG plot of latency percentiles, and (with
 //! --update-docs) docs/BENCHMARKS.md.
 
@@ -58,11 +60,61 @@ struct Options {
     /// Set the hosts up, print how to reach them, wait this long, tear down
     /// (for profiling by hand); no measurements.
     hold: Option<u64>,
+    /// Give the client hosts and the server host each half of the cores
+    /// (see [`Pinning`]); `--no-pin` leaves placement to the scheduler.
+    pin: bool,
+}
+
+/// Which cores each test host's processes run on.
+///
+/// The test hosts share one machine's cores. Left to the scheduler, the
+/// client's tools, the proxies and the servers of both "hosts" migrate
+/// between the cores, and on this VM (no guest halt-polling) a wake-up
+/// that crosses to an idle core costs ~30 µs: direct's p50 on one
+/// connection was 16 µs with wrk and nginx on the same core and 76 µs on
+/// different ones, so latency measured where the scheduler happened to put
+/// things. Pinned, the two hosts behave as two machines of half the cores
+/// each: traffic between hosts crosses cores (as it crosses a NIC between
+/// machines), a host's own loopback traffic does not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pinning {
+    client: String,
+    server: String,
+}
+
+impl Pinning {
+    /// Client hosts on the lower half of `cores`, the server on the upper
+    /// half; None with fewer than two cores.
+    fn halves(cores: usize) -> Option<Pinning> {
+        if cores < 2 {
+            return None;
+        }
+        let half = cores / 2;
+        let list = |from: usize, to: usize| {
+            if from == to {
+                from.to_string()
+            } else {
+                format!("{from}-{to}")
+            }
+        };
+        Some(Pinning {
+            client: list(0, half - 1),
+            server: list(half, cores - 1),
+        })
+    }
+
+    fn cpus(&self, host: usize) -> &str {
+        if host == SERVER {
+            &self.server
+        } else {
+            &self.client
+        }
+    }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -103,6 +155,7 @@ fn main() {
         out_dir: PathBuf::from("target/bench"),
         update_docs: None,
         hold: None,
+        pin: true,
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -132,6 +185,7 @@ fn main() {
                     .and_then(|s| s.parse().ok())
                     .unwrap_or_else(|| usage())
             }
+            "--no-pin" => o.pin = false,
             "--oha" => o.oha = PathBuf::from(it.next().unwrap_or_else(|| usage())),
             "--out-dir" => o.out_dir = PathBuf::from(it.next().unwrap_or_else(|| usage())),
             "--update-docs" => {
@@ -591,7 +645,47 @@ fn run(o: &Options) {
             proxies: pids_of(&[&haproxy_client, &haproxy_server]),
         },
     ];
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pinning = if o.pin { Pinning::halves(cores) } else { None };
+    if let Some(p) = &pinning {
+        for h in [CLIENT, CLIENT_QUIC, SERVER] {
+            let ns = &m.lab.host(h).ns;
+            let pids = run_ok(Command::new("ip").args(["netns", "pids", ns]));
+            for pid in pids.split_whitespace() {
+                // All threads of every process already in the host (one
+                // that has exited since the listing is no matter).
+                let out = output(Command::new("taskset").args(["-a", "-p", "-c", p.cpus(h), pid]));
+                if !out.status.success() && Path::new("/proc").join(pid).exists() {
+                    panic!(
+                        "pinning {pid} in {ns} to CPUs {}: {}",
+                        p.cpus(h),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+        println!(
+            "== pinned: client hosts on CPUs {}, the server host on CPUs {} (--no-pin to leave placement to the scheduler)",
+            p.client, p.server
+        );
+    }
+    // A tool run on a test host, on that host's cores when pinned.
+    let tool = |host: usize, program: &str| -> Command {
+        match &pinning {
+            Some(p) => {
+                let mut c = m.lab.cmd(host, "taskset");
+                c.args(["-c", p.cpus(host), program]);
+                c
+            }
+            None => m.lab.cmd(host, program),
+        }
+    };
     if let Some(hold) = o.hold {
+        if let Some(p) = &pinning {
+            println!("run tools with: taskset -c {} (client hosts)", p.client);
+        }
         for s in &setups {
             println!(
                 "{}: ip netns exec {}  http {}  bulk {}:{}  echo {}  proxy pids {:?}",
@@ -614,7 +708,7 @@ fn run(o: &Options) {
     // proxy's idle RSS, before any load.
     let mut idle = Vec::new();
     for s in &setups {
-        let warm = output(m.lab.cmd(s.host, "curl").args([
+        let warm = output(tool(s.host, "curl").args([
             "-sS",
             "--fail",
             "--max-time",
@@ -635,7 +729,7 @@ fn run(o: &Options) {
         idle.push(rss_of(&s.proxies));
     }
     let wrk = |s: &Setup, args: &[&str]| -> (f64, BTreeMap<String, f64>) {
-        let mut c = m.lab.cmd(s.host, "wrk");
+        let mut c = tool(s.host, "wrk");
         c.args(args);
         parse_wrk(&run_ok(&mut c))
     };
@@ -694,7 +788,7 @@ fn run(o: &Options) {
         (
             "one-stream bulk (iperf3)",
             Box::new(|s| {
-                let mut c = m.lab.cmd(s.host, "iperf3");
+                let mut c = tool(s.host, "iperf3");
                 c.args([
                     "-c",
                     &s.bulk.0,
@@ -715,7 +809,7 @@ fn run(o: &Options) {
         (
             "open loop at 1000 req/s (oha, latency-corrected)",
             Box::new(|s| {
-                let mut c = m.lab.cmd(s.host, &o.oha);
+                let mut c = tool(s.host, &o.oha.display().to_string());
                 c.args([
                     "-z",
                     &format!("{}s", secs * 2),
@@ -738,7 +832,7 @@ fn run(o: &Options) {
             "round trips of 1 B and 1 KiB on one connection",
             Box::new(|s| {
                 let rtt = |size: usize| -> Value {
-                    let mut c = m.lab.cmd(s.host, &me);
+                    let mut c = tool(s.host, &me);
                     c.args(["rtt-client", &s.echo, &size.to_string(), "20000"]);
                     serde_json::from_str(&run_ok(&mut c)).unwrap_or_default()
                 };
@@ -797,7 +891,8 @@ fn run(o: &Options) {
         "rounds": rounds,
         "meshd_worker_threads": o.workers,
         "meshd_tunnel_congestion": o.tunnel_congestion,
-        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cores": cores,
+        "pinned": pinning.as_ref().map(|p| json!({"client_cpus": p.client, "server_cpus": p.server})),
         "kernel": String::from_utf8_lossy(&output(Command::new("uname").arg("-r")).stdout).trim(),
         "results": results,
     });
@@ -1310,10 +1405,18 @@ const END: &str = "<!-- bench-dataplane:end -->";
 fn update_docs(path: &Path, table: &str, report: &Value) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let block = format!(
-        "{BEGIN}\n\nMeasured by `make bench-dataplane` ({} s per measurement, {} rounds with the setups interleaved, {} cores, kernel {}):\n\n{table}\n![latency percentiles](bench/dataplane-latency.svg)\n\n{END}",
+        "{BEGIN}\n\nMeasured by `make bench-dataplane` ({} s per measurement, {} rounds with the setups interleaved, {} cores, {}, kernel {}):\n\n{table}\n![latency percentiles](bench/dataplane-latency.svg)\n\n{END}",
         report["seconds_per_measurement"],
         report["rounds"],
         report["cores"],
+        match report["pinned"].as_object() {
+            Some(p) => format!(
+                "client hosts pinned to CPUs {} and the server host to CPUs {}",
+                p["client_cpus"].as_str().unwrap_or_default(),
+                p["server_cpus"].as_str().unwrap_or_default()
+            ),
+            None => "hosts not pinned".to_string(),
+        },
         report["kernel"].as_str().unwrap_or_default()
     );
     let new = match (text.find(BEGIN), text.find(END)) {
@@ -1325,6 +1428,24 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pinning_splits_the_cores_in_halves() {
+        use super::{CLIENT, CLIENT_QUIC, Pinning, SERVER};
+        assert_eq!(Pinning::halves(1), None);
+        let two = Pinning::halves(2).unwrap();
+        assert_eq!(
+            (two.cpus(CLIENT), two.cpus(CLIENT_QUIC), two.cpus(SERVER)),
+            ("0", "0", "1")
+        );
+        let eight = Pinning::halves(8).unwrap();
+        assert_eq!(
+            (eight.client.as_str(), eight.server.as_str()),
+            ("0-3", "4-7")
+        );
+        let three = Pinning::halves(3).unwrap();
+        assert_eq!((three.client.as_str(), three.server.as_str()), ("0", "1-2"));
+    }
+
     use super::*;
 
     fn round(p50: f64, rps32: f64, bulk: f64, rss: f64) -> Value {
