@@ -54,6 +54,9 @@ struct Options {
     workers: usize,
     /// meshd's `proxy.tunnel_congestion` (None: meshd's default, the system's).
     tunnel_congestion: Option<String>,
+    /// The test hosts' default TCP congestion control, for every socket of
+    /// every setup (None: what the machine's namespace has).
+    host_congestion: Option<String>,
     oha: PathBuf,
     out_dir: PathBuf,
     update_docs: Option<PathBuf>,
@@ -114,7 +117,7 @@ impl Pinning {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -151,6 +154,7 @@ fn main() {
         rounds: 3,
         workers: 0,
         tunnel_congestion: None,
+        host_congestion: None,
         oha: PathBuf::from("target/tools/bin/oha"),
         out_dir: PathBuf::from("target/bench"),
         update_docs: None,
@@ -176,6 +180,7 @@ fn main() {
                     .filter(|n| *n > 0)
                     .unwrap_or_else(|| usage())
             }
+            "--host-congestion" => o.host_congestion = Some(it.next().unwrap_or_else(|| usage())),
             "--tunnel-congestion" => {
                 o.tunnel_congestion = Some(it.next().unwrap_or_else(|| usage()))
             }
@@ -512,7 +517,24 @@ fn run(o: &Options) {
             "net.ipv4.tcp_tw_reuse=1",
             "net.ipv4.ip_local_port_range=10000 65535",
         ]));
+        // A new namespace starts with the machine's congestion control;
+        // --host-congestion gives the test hosts another (every setup's
+        // sockets alike), e.g. Debian's default, CUBIC, on a BBR machine.
+        if let Some(cc) = &o.host_congestion {
+            run_ok(m.lab.cmd(h, "sysctl").args([
+                "-q",
+                "-w",
+                &format!("net.ipv4.tcp_congestion_control={cc}"),
+            ]));
+        }
     }
+    let host_congestion = run_ok(
+        m.lab
+            .cmd(CLIENT, "cat")
+            .arg("/proc/sys/net/ipv4/tcp_congestion_control"),
+    )
+    .trim()
+    .to_string();
     // Servers on the server host.
     std::fs::create_dir_all(dir.join("www")).expect("www");
     write(&dir.join("www/1k"), &"x".repeat(1024));
@@ -891,6 +913,7 @@ fn run(o: &Options) {
         "rounds": rounds,
         "meshd_worker_threads": o.workers,
         "meshd_tunnel_congestion": o.tunnel_congestion,
+        "host_congestion": host_congestion,
         "cores": cores,
         "pinned": pinning.as_ref().map(|p| json!({"client_cpus": p.client, "server_cpus": p.server})),
         "kernel": String::from_utf8_lossy(&output(Command::new("uname").arg("-r")).stdout).trim(),
@@ -1405,7 +1428,7 @@ const END: &str = "<!-- bench-dataplane:end -->";
 fn update_docs(path: &Path, table: &str, report: &Value) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let block = format!(
-        "{BEGIN}\n\nMeasured by `make bench-dataplane` ({} s per measurement, {} rounds with the setups interleaved, {} cores, {}, kernel {}):\n\n{table}\n![latency percentiles](bench/dataplane-latency.svg)\n\n{END}",
+        "{BEGIN}\n\nMeasured by `make bench-dataplane` ({} s per measurement, {} rounds with the setups interleaved, {} cores, {}, TCP congestion control {}{}, kernel {}):\n\n{table}\n![latency percentiles](bench/dataplane-latency.svg)\n\n{END}",
         report["seconds_per_measurement"],
         report["rounds"],
         report["cores"],
@@ -1416,6 +1439,11 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
                 p["server_cpus"].as_str().unwrap_or_default()
             ),
             None => "hosts not pinned".to_string(),
+        },
+        report["host_congestion"].as_str().unwrap_or_default(),
+        match report["meshd_tunnel_congestion"].as_str() {
+            Some(cc) => format!(" (meshd's tunnels: {cc})"),
+            None => String::new(),
         },
         report["kernel"].as_str().unwrap_or_default()
     );
