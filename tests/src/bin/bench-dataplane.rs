@@ -68,6 +68,15 @@ struct Options {
     pin: bool,
 }
 
+/// "CPU 1" or "CPUs 4-7", for a `taskset` CPU list.
+fn cpus(list: &str) -> String {
+    if list.contains('-') || list.contains(',') {
+        format!("CPUs {list}")
+    } else {
+        format!("CPU {list}")
+    }
+}
+
 /// Which cores each test host's processes run on.
 ///
 /// The test hosts share one machine's cores. Left to the scheduler, the
@@ -689,8 +698,9 @@ fn run(o: &Options) {
             }
         }
         println!(
-            "== pinned: client hosts on CPUs {}, the server host on CPUs {} (--no-pin to leave placement to the scheduler)",
-            p.client, p.server
+            "== pinned: client hosts on {}, the server host on {} (--no-pin to leave placement to the scheduler)",
+            cpus(&p.client),
+            cpus(&p.server)
         );
     }
     // A tool run on a test host, on that host's cores when pinned.
@@ -1434,9 +1444,9 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
         report["cores"],
         match report["pinned"].as_object() {
             Some(p) => format!(
-                "client hosts pinned to CPUs {} and the server host to CPUs {}",
-                p["client_cpus"].as_str().unwrap_or_default(),
-                p["server_cpus"].as_str().unwrap_or_default()
+                "client hosts pinned to {} and the server host to {}",
+                cpus(p["client_cpus"].as_str().unwrap_or_default()),
+                cpus(p["server_cpus"].as_str().unwrap_or_default())
             ),
             None => "hosts not pinned".to_string(),
         },
