@@ -95,24 +95,39 @@ struct Pinning {
 }
 
 impl Pinning {
-    /// Client hosts on the lower half of `cores`, the server on the upper
-    /// half; None with fewer than two cores.
-    fn halves(cores: usize) -> Option<Pinning> {
-        if cores < 2 {
-            return None;
-        }
-        let half = cores / 2;
-        let list = |from: usize, to: usize| {
-            if from == to {
-                from.to_string()
-            } else {
-                format!("{from}-{to}")
+    /// Client hosts on the lower half of the CPUs this process may use
+    /// (`Cpus_allowed_list` of /proc/self/status, e.g. "0-1" or "2,4-7"),
+    /// the server on the upper half; None with fewer than two.
+    fn halves(allowed: &str) -> Result<Option<Pinning>, String> {
+        let mut ids = Vec::new();
+        for part in allowed.trim().split(',').filter(|p| !p.is_empty()) {
+            let bad = || format!("CPU list {allowed:?}: {part:?} is not a CPU or a range");
+            let (from, to) = match part.split_once('-') {
+                Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+                None => {
+                    let n: usize = part.parse().map_err(|_| bad())?;
+                    (n, n)
+                }
+            };
+            if from > to {
+                return Err(bad());
             }
+            ids.extend(from..=to);
+        }
+        if ids.len() < 2 {
+            return Ok(None);
+        }
+        let (client, server) = ids.split_at(ids.len() / 2);
+        let list = |ids: &[usize]| {
+            ids.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         };
-        Some(Pinning {
-            client: list(0, half - 1),
-            server: list(half, cores - 1),
-        })
+        Ok(Some(Pinning {
+            client: list(client),
+            server: list(server),
+        }))
     }
 
     fn cpus(&self, host: usize) -> &str {
@@ -232,6 +247,19 @@ fn main() {
             o.oha.display()
         );
         std::process::exit(1);
+    }
+    if let Some(cc) = &o.host_congestion {
+        // A namespace other than the machine's may only pick what the
+        // machine allows; say so before building the hosts.
+        let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+            .unwrap_or_default();
+        if !allowed.split_whitespace().any(|a| a == cc) {
+            eprintln!(
+                "bench-dataplane: --host-congestion {cc}: a test host may only use what this machine's net.ipv4.tcp_allowed_congestion_control lists ({}); the benchmark does not change machine-wide settings",
+                allowed.trim()
+            );
+            std::process::exit(2);
+        }
     }
     let o = Options {
         oha: std::fs::canonicalize(&o.oha).unwrap_or(o.oha),
@@ -679,7 +707,16 @@ fn run(o: &Options) {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let pinning = if o.pin { Pinning::halves(cores) } else { None };
+    let pinning = if o.pin {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default();
+        Pinning::halves(allowed).unwrap_or_else(|e| panic!("pinning the hosts: {e}"))
+    } else {
+        None
+    };
     if let Some(p) = &pinning {
         for h in [CLIENT, CLIENT_QUIC, SERVER] {
             let ns = &m.lab.host(h).ns;
@@ -690,8 +727,8 @@ fn run(o: &Options) {
                 let out = output(Command::new("taskset").args(["-a", "-p", "-c", p.cpus(h), pid]));
                 if !out.status.success() && Path::new("/proc").join(pid).exists() {
                     panic!(
-                        "pinning {pid} in {ns} to CPUs {}: {}",
-                        p.cpus(h),
+                        "pinning {pid} in {ns} to {}: {}",
+                        cpus(p.cpus(h)),
                         String::from_utf8_lossy(&out.stderr)
                     );
                 }
@@ -1467,21 +1504,28 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn pinning_splits_the_cores_in_halves() {
-        use super::{CLIENT, CLIENT_QUIC, Pinning, SERVER};
-        assert_eq!(Pinning::halves(1), None);
-        let two = Pinning::halves(2).unwrap();
+    fn pinning_splits_the_allowed_cpus_in_halves() {
+        use super::{CLIENT, CLIENT_QUIC, Pinning, SERVER, cpus};
+        assert_eq!(Pinning::halves("0"), Ok(None));
+        assert_eq!(Pinning::halves(""), Ok(None));
+        let two = Pinning::halves("0-1\n").unwrap().unwrap();
         assert_eq!(
             (two.cpus(CLIENT), two.cpus(CLIENT_QUIC), two.cpus(SERVER)),
             ("0", "0", "1")
         );
-        let eight = Pinning::halves(8).unwrap();
+        let eight = Pinning::halves("0-7").unwrap().unwrap();
         assert_eq!(
             (eight.client.as_str(), eight.server.as_str()),
-            ("0-3", "4-7")
+            ("0,1,2,3", "4,5,6,7")
         );
-        let three = Pinning::halves(3).unwrap();
-        assert_eq!((three.client.as_str(), three.server.as_str()), ("0", "1-2"));
+        let odd = Pinning::halves("2,4-5").unwrap().unwrap();
+        assert_eq!((odd.client.as_str(), odd.server.as_str()), ("2", "4,5"));
+        assert!(Pinning::halves("0-x").unwrap_err().contains("\"0-x\""));
+        assert!(Pinning::halves("3-1").is_err());
+        assert_eq!(
+            (cpus("1").as_str(), cpus("4,5").as_str()),
+            ("CPU 1", "CPUs 4,5")
+        );
     }
 
     use super::*;
