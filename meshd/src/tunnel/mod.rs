@@ -239,9 +239,10 @@ impl Stream {
 /// Encrypted bytes rustls may hold for a tunnel socket before it stops
 /// taking plaintext (its default is 64 KiB).
 ///
-/// It must hold a whole HTTP/2 DATA frame (64 KiB, see `splice::ReadSize`)
-/// with its header and the records' overhead, and more behind it: with the
-/// default, rustls took all but the last ~100 bytes of each frame, and the
+/// It must hold a whole HTTP/2 DATA frame (up to 64 KiB from a peer; meshd
+/// sends 48 KiB ones, see `splice::ReadSize`) with its header and the
+/// records' overhead, and more behind it: with the default and 64 KiB
+/// frames, rustls took all but the last ~100 bytes of each frame, and the
 /// rest went out as a record of its own in a second `writev`, with
 /// TCP_NODELAY as a segment of its own (strace: two `writev` per 64 KiB,
 /// one of 31 bytes).
