@@ -547,23 +547,25 @@ fn run(o: &Options) {
     // first was capped below what direct does. Reusing TIME_WAIT ports
     // (safe with TCP timestamps) and a wider port range, in these test
     // hosts' own namespaces only, as any load generator's host is tuned.
+    // A new namespace starts with the machine's congestion control;
+    // --host-congestion gives the test hosts another (every setup's sockets
+    // alike), one of those the machine allows (checked in main).
+    let congestion = o
+        .host_congestion
+        .as_ref()
+        .map(|cc| format!("net.ipv4.tcp_congestion_control={cc}"));
     for h in [SERVER, CLIENT, CLIENT_QUIC] {
-        run_ok(m.lab.cmd(h, "sysctl").args([
-            "-q",
-            "-w",
-            "net.ipv4.tcp_tw_reuse=1",
-            "net.ipv4.ip_local_port_range=10000 65535",
-        ]));
-        // A new namespace starts with the machine's congestion control;
-        // --host-congestion gives the test hosts another (every setup's
-        // sockets alike), e.g. Debian's default, CUBIC, on a BBR machine.
-        if let Some(cc) = &o.host_congestion {
-            run_ok(m.lab.cmd(h, "sysctl").args([
-                "-q",
-                "-w",
-                &format!("net.ipv4.tcp_congestion_control={cc}"),
-            ]));
-        }
+        run_ok(
+            m.lab
+                .cmd(h, "sysctl")
+                .args([
+                    "-q",
+                    "-w",
+                    "net.ipv4.tcp_tw_reuse=1",
+                    "net.ipv4.ip_local_port_range=10000 65535",
+                ])
+                .args(&congestion),
+        );
     }
     let host_congestion = run_ok(
         m.lab
