@@ -808,17 +808,6 @@ fn run(o: &Options) {
     type Measure<'a> = Box<dyn Fn(&Setup) -> Value + 'a>;
     let lines: Vec<(&str, Measure<'_>)> = vec![
         (
-            "one keep-alive connection (wrk -c1)",
-            Box::new(|s| {
-                let (rps1, lat1) = wrk(s, &["-t1", "-c1", "-d", &d, "--latency", &s.http]);
-                json!({
-                    "latency1_p50_us": lat1.get("50").copied().unwrap_or(0.0),
-                    "latency1_p99_us": lat1.get("99").copied().unwrap_or(0.0),
-                    "rps_1": rps1,
-                })
-            }),
-        ),
-        (
             "32 connections (wrk -c32), proxy CPU and peak RSS",
             Box::new(|s| {
                 let cpu_before = cpu_of(&s.proxies);
@@ -878,28 +867,6 @@ fn run(o: &Options) {
             }),
         ),
         (
-            "open loop at 1000 req/s (oha, latency-corrected)",
-            Box::new(|s| {
-                let mut c = tool(s.host, &o.oha.display().to_string());
-                c.args([
-                    "-z",
-                    &format!("{}s", secs * 2),
-                    "-q",
-                    "1000",
-                    "-c",
-                    "16",
-                    "--latency-correction",
-                    "--no-tui",
-                    "--output-format",
-                    "json",
-                    &s.http,
-                ]);
-                let v: Value = serde_json::from_str(&run_ok(&mut c)).unwrap_or_default();
-                let p = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(0.0) * 1e6;
-                json!({"open_loop": {"p50_us": p("p50"), "p90_us": p("p90"), "p99_us": p("p99"), "p99.9_us": p("p99.9"), "rps": v["summary"]["requestsPerSec"]}})
-            }),
-        ),
-        (
             "round trips of 1 B and 1 KiB on one connection",
             Box::new(|s| {
                 let rtt = |size: usize| -> Value {
@@ -916,8 +883,7 @@ fn run(o: &Options) {
     // no setup always goes first or last. Setups are compared round by
     // round, minutes apart at most, which is what keeps this VM's drift
     // out of the ratios.
-    let mut measured: Vec<Vec<serde_json::Map<String, Value>>> =
-        vec![vec![serde_json::Map::new(); rounds]; setups.len()];
+    let mut measured: Vec<Vec<Figures>> = vec![vec![serde_json::Map::new(); rounds]; setups.len()];
     let n = setups.len();
     let order: Vec<(usize, usize)> = (0..rounds)
         .flat_map(|r| (0..n).map(move |k| ((k + r) % n, r)))
@@ -933,6 +899,73 @@ fn run(o: &Options) {
         }
     }
     drop(lines);
+    // The tails of the two latency lines are set by how long this VM takes
+    // to wake an idle vCPU and how fast it runs right after (every request
+    // crosses to the other core and back, in every setup alike), and that
+    // comes and goes in spells of seconds to minutes: a setup given one
+    // turn of several seconds could draw a slow spell that the next setup
+    // missed (docs/BENCHMARKS.md, "The latency tails"). So within a round
+    // these lines run in turns: each setup `secs` slices, the setups taking
+    // turns slice by slice, every setup's samples pooled over its slices,
+    // then percentiles over the pool. The same load and the same regime,
+    // spread over the same minutes.
+    let oha = o.oha.display().to_string();
+    let histogram = dir.join("latency-histogram.lua");
+    write(&histogram, WRK_HISTOGRAM_LUA);
+    let histogram = histogram.display().to_string();
+    take_turns(
+        "one keep-alive connection (wrk -c1, setups in turns of 1 s)",
+        &setups,
+        rounds,
+        secs as usize,
+        &mut measured,
+        |s| {
+            let mut c = tool(s.host, "wrk");
+            c.args(["-t1", "-c1", "-d1s", "-s", &histogram, &s.http]);
+            Pooled::from_wrk(&run_ok(&mut c))
+        },
+        |p| {
+            json!({
+                "latency1_p50_us": p.percentile(50.0),
+                "latency1_p99_us": p.percentile(99.0),
+                "rps_1": p.rate(),
+            })
+        },
+    );
+    // At a fixed rate, a slice's first request on each connection (which
+    // includes opening it; HAProxy's a TLS handshake) is left out: this
+    // line is the steady state, new connections have their own.
+    take_turns(
+        "open loop at 1000 req/s (oha, latency-corrected, setups in turns of 2 s)",
+        &setups,
+        rounds,
+        secs as usize,
+        &mut measured,
+        |s| {
+            let mut c = tool(s.host, &oha);
+            c.args([
+                "-z",
+                "2s",
+                "-q",
+                "1000",
+                "-c",
+                "16",
+                "--latency-correction",
+                "--no-tui",
+                "--output-format",
+                "csv",
+                &s.http,
+            ]);
+            Pooled::from_oha_csv(&run_ok(&mut c), 2.0)
+        },
+        |p| {
+            json!({"open_loop": {
+                "p50_us": p.percentile(50.0), "p90_us": p.percentile(90.0),
+                "p99_us": p.percentile(99.0), "p99.9_us": p.percentile(99.9),
+                "rps": p.rate(), "requests": p.count(),
+            }})
+        },
+    );
     let results: Vec<Value> = setups
         .iter()
         .zip(measured)
@@ -1023,6 +1056,195 @@ fn start_quiet_meshd(
 
 fn f(v: &Value, k: &str) -> f64 {
     v[k].as_f64().unwrap_or(0.0)
+}
+
+type Figures = serde_json::Map<String, Value>;
+
+/// One latency line in turns: in every round each setup runs `slices`
+/// slices, the setups taking turns slice by slice in the round's order
+/// (which starts one setup later each round, as the other lines' do); each
+/// setup's slices are pooled and `figures` turns the pool into that
+/// round's figures.
+fn take_turns(
+    label: &str,
+    setups: &[Setup],
+    rounds: usize,
+    slices: usize,
+    measured: &mut [Vec<Figures>],
+    slice: impl Fn(&Setup) -> Result<Pooled, String>,
+    figures: impl Fn(&Pooled) -> Value,
+) {
+    println!("== {label}");
+    let n = setups.len();
+    for r in 0..rounds {
+        let turns: Vec<usize> = (0..n).map(|k| (k + r) % n).collect();
+        let mut pooled = vec![Pooled::default(); n];
+        for _ in 0..slices.max(1) {
+            for &i in &turns {
+                let one = slice(&setups[i]).unwrap_or_else(|e| panic!("{}: {e}", setups[i].name));
+                pooled[i].add(one);
+            }
+        }
+        for &i in &turns {
+            let v = figures(&pooled[i]);
+            println!("   round {} {}: {v}", r + 1, setups[i].name);
+            if let (Value::Object(fields), Some(round)) = (v, measured[i].get_mut(r)) {
+                round.extend(fields);
+            }
+        }
+    }
+}
+
+/// wrk's `done` hook: the run's requests and length, then every latency it
+/// recorded (µs) with how often, one line each.
+const WRK_HISTOGRAM_LUA: &str = r#"done = function(summary, latency, requests)
+  io.write(string.format("hm-requests %d %d\n", summary.requests, summary.duration))
+  for i = 1, #latency do
+    local v, c = latency(i)
+    io.write(string.format("hm-latency %d %d\n", v, c))
+  end
+end
+"#;
+
+/// Latencies pooled over slices, as (µs, how many) pairs, and how many
+/// requests were answered in how long.
+#[derive(Clone, Default, Debug, PartialEq)]
+struct Pooled {
+    latency_us: Vec<(f64, u64)>,
+    answered: u64,
+    seconds: f64,
+}
+
+impl Pooled {
+    /// wrk's output with [`WRK_HISTOGRAM_LUA`] as its script.
+    fn from_wrk(text: &str) -> Result<Pooled, String> {
+        let mut out = Pooled::default();
+        let mut summary = false;
+        for line in text.lines() {
+            let mut f = line.split_whitespace();
+            let tag = f.next();
+            if !matches!(tag, Some("hm-requests" | "hm-latency")) {
+                continue;
+            }
+            let (a, b) = match (
+                f.next().map(str::parse::<u64>),
+                f.next().map(str::parse::<u64>),
+            ) {
+                (Some(Ok(a)), Some(Ok(b))) => (a, b),
+                _ => return Err(format!("wrk's output: {line:?} is not two counts")),
+            };
+            if tag == Some("hm-requests") {
+                summary = true;
+                out.answered += a;
+                out.seconds += b as f64 / 1e6;
+            } else {
+                out.latency_us.push((a as f64, b));
+            }
+        }
+        if !summary {
+            return Err("wrk's output has no summary from the histogram script".into());
+        }
+        if out.latency_us.is_empty() {
+            return Err("wrk recorded no latency".into());
+        }
+        Ok(out)
+    }
+
+    /// oha's `--output-format csv` over `seconds`: a header, then one line
+    /// per answered request with its duration in seconds (from the time it
+    /// was due, with `--latency-correction`) and the time spent connecting
+    /// ("DNS+dialup", 0 on a connection already open). Requests that opened
+    /// their connection count for the rate, not for the latencies.
+    fn from_oha_csv(csv: &str, seconds: f64) -> Result<Pooled, String> {
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .ok_or("oha's CSV has no header")?
+            .split(',')
+            .collect();
+        let column = |name: &str| {
+            header
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| format!("oha's CSV has no {name:?} column in {header:?}"))
+        };
+        let (duration, dialup, status) = (
+            column("request-duration")?,
+            column("DNS+dialup")?,
+            column("status")?,
+        );
+        let mut out = Pooled {
+            seconds,
+            ..Pooled::default()
+        };
+        for (n, line) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let fields: Vec<&str> = line.split(',').collect();
+            let number = |k: usize| -> Result<f64, String> {
+                fields
+                    .get(k)
+                    .and_then(|f| f.trim().parse::<f64>().ok())
+                    .filter(|x| x.is_finite() && *x >= 0.0)
+                    .ok_or_else(|| {
+                        format!(
+                            "oha's CSV line {}: {line:?} has no number in column {}",
+                            n + 2,
+                            header[k]
+                        )
+                    })
+            };
+            let code = number(status)?;
+            if !(200.0..300.0).contains(&code) {
+                return Err(format!("oha's CSV line {}: status {code}", n + 2));
+            }
+            out.answered += 1;
+            if number(dialup)? == 0.0 {
+                out.latency_us.push((number(duration)? * 1e6, 1));
+            }
+        }
+        if out.latency_us.is_empty() {
+            return Err("oha answered no request on an open connection".into());
+        }
+        Ok(out)
+    }
+
+    fn add(&mut self, other: Pooled) {
+        self.latency_us.extend(other.latency_us);
+        self.answered += other.answered;
+        self.seconds += other.seconds;
+    }
+
+    fn count(&self) -> u64 {
+        self.latency_us.iter().map(|&(_, c)| c).sum()
+    }
+
+    /// Answered requests per second.
+    fn rate(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.answered as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    /// The nearest-rank percentile: the smallest latency with at least
+    /// `q`% of the requests at or below it; 0 for none.
+    fn percentile(&self, q: f64) -> f64 {
+        let total = self.count();
+        if total == 0 {
+            return 0.0;
+        }
+        let mut sorted = self.latency_us.clone();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let rank = ((q / 100.0 * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (v, c) in sorted {
+            seen += c;
+            if seen >= rank {
+                return v;
+            }
+        }
+        0.0
+    }
 }
 
 /// The median (the mean of the middle two for an even count); 0 for none.
@@ -1540,6 +1762,84 @@ mod tests {
             "rtt_1b": {"p50_us": p50}, "rtt_1k": {"p50_us": p50},
             "rss_idle_kib": rss, "rss_load_kib": rss, "cpu_s_per_1000_req": 0.02,
         })
+    }
+
+    #[test]
+    fn open_loop_pools_slices_and_leaves_out_the_requests_that_opened_a_connection() {
+        use super::Pooled;
+        let header = "request-start,DNS,DNS+dialup,Response-delay,request-duration,bytes,status\n";
+        let a = Pooled::from_oha_csv(
+            &format!(
+                "{header}0.001,0.00002,0.00015,0.0014,0.0015,1024,200\n0.002,0,0,0.0001,0.000100,1024,200\n0.003,0,0,0.0003,0.000300,1024,200\n"
+            ),
+            1.0,
+        )
+        .unwrap();
+        assert_eq!((a.answered, a.count()), (3, 2));
+        let mut pooled = a;
+        pooled.add(
+            Pooled::from_oha_csv(
+                &format!("{header}0.001,0,0,0.0002,0.000200,1024,200\n\n"),
+                1.0,
+            )
+            .unwrap(),
+        );
+        // 100, 200, 300 µs: the 1,500-µs request that connected is not among them.
+        assert_eq!(
+            (
+                pooled.percentile(50.0).round(),
+                pooled.percentile(99.0).round()
+            ),
+            (200.0, 300.0)
+        );
+        assert_eq!((pooled.rate(), pooled.count()), (2.0, 3));
+    }
+
+    #[test]
+    fn wrk_histograms_pool_by_count() {
+        use super::Pooled;
+        let one = "Running 1s test @ http://x/\n  1 threads and 1 connections\nhm-requests 10 1000000\nhm-latency 90 8\nhm-latency 400 2\n";
+        let two = "hm-requests 10 1000000\nhm-latency 100 10\n";
+        let mut p = Pooled::from_wrk(one).unwrap();
+        p.add(Pooled::from_wrk(two).unwrap());
+        assert_eq!((p.count(), p.rate()), (20, 10.0));
+        // 8 × 90, 10 × 100, 2 × 400: the median is 100, the 91st percentile 400.
+        assert_eq!(p.percentile(50.0), 100.0);
+        assert_eq!(p.percentile(90.0), 100.0);
+        assert_eq!(p.percentile(91.0), 400.0);
+        assert_eq!(p.percentile(0.0), 90.0);
+        assert_eq!(Pooled::default().percentile(99.0), 0.0);
+        assert!(
+            Pooled::from_wrk("Requests/sec: 5\n")
+                .unwrap_err()
+                .contains("no summary")
+        );
+        assert!(
+            Pooled::from_wrk("hm-requests 1 x\n")
+                .unwrap_err()
+                .contains("two counts")
+        );
+        assert!(
+            Pooled::from_wrk("hm-requests 0 1000000\n")
+                .unwrap_err()
+                .contains("no latency")
+        );
+    }
+
+    #[test]
+    fn open_loop_csv_errors_name_what_is_wrong() {
+        use super::Pooled;
+        let header = "request-start,DNS,DNS+dialup,Response-delay,request-duration,bytes,status\n";
+        let parse = |csv: &str| Pooled::from_oha_csv(csv, 1.0).unwrap_err();
+        assert!(parse("").contains("no header"));
+        let e = parse("request-start,status\n0.1,200\n");
+        assert!(e.contains("\"request-duration\""), "{e}");
+        let e = parse(&format!("{header}0.1,0,0,0.1,0.1,0,503\n"));
+        assert!(e.contains("line 2: status 503"), "{e}");
+        let e = parse(&format!("{header}0.1,0,0,0.1,soon,0,200\n"));
+        assert!(e.contains("request-duration"), "{e}");
+        let e = parse(&format!("{header}0.1,0,0.2,0.1,0.3,0,200\n"));
+        assert!(e.contains("no request on an open connection"), "{e}");
     }
 
     #[test]
