@@ -327,51 +327,12 @@ fn rtt_client(addr: SocketAddr, size: usize, count: usize) {
     );
 }
 
-fn parse_duration_us(s: &str) -> Option<f64> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix("ms") {
-        (n, 1000.0)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1_000_000.0)
-    } else {
-        return None;
-    };
-    num.trim().parse::<f64>().ok().map(|v| v * mult)
-}
-
-/// wrk's text output: requests/s and the latency distribution (µs).
-fn parse_wrk(text: &str) -> (f64, BTreeMap<String, f64>) {
-    let mut rps = 0.0;
-    let mut pct = BTreeMap::new();
-    let mut in_dist = false;
-    for line in text.lines() {
-        let l = line.trim();
-        if l.starts_with("Requests/sec:") {
-            rps = l
-                .trim_start_matches("Requests/sec:")
-                .trim()
-                .parse()
-                .unwrap_or(0.0);
-        }
-        if l.starts_with("Latency Distribution") {
-            in_dist = true;
-            continue;
-        }
-        if in_dist {
-            let mut parts = l.split_whitespace();
-            match (parts.next(), parts.next()) {
-                (Some(p), Some(v)) if p.ends_with('%') => {
-                    if let Some(us) = parse_duration_us(v) {
-                        pct.insert(p.trim_end_matches('%').to_string(), us);
-                    }
-                }
-                _ => in_dist = false,
-            }
-        }
-    }
-    (rps, pct)
+/// wrk's requests/s, from its text output (0 if it printed none).
+fn wrk_rate(text: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A process's RSS (KiB) and CPU seconds so far.
@@ -799,10 +760,10 @@ fn run(o: &Options) {
         }
         idle.push(rss_of(&s.proxies));
     }
-    let wrk = |s: &Setup, args: &[&str]| -> (f64, BTreeMap<String, f64>) {
+    let wrk = |s: &Setup, args: &[&str]| -> f64 {
         let mut c = tool(s.host, "wrk");
         c.args(args);
-        parse_wrk(&run_ok(&mut c))
+        wrk_rate(&run_ok(&mut c))
     };
     let d = format!("{secs}s");
     type Measure<'a> = Box<dyn Fn(&Setup) -> Value + 'a>;
@@ -823,7 +784,7 @@ fn run(o: &Options) {
                         max
                     })
                 };
-                let (rps32, _) = wrk(s, &["-t2", "-c32", "-d", &d, &s.http]);
+                let rps32 = wrk(s, &["-t2", "-c32", "-d", &d, &s.http]);
                 let cpu_after = cpu_of(&s.proxies);
                 let rss_load = sampler.join().unwrap_or(0);
                 let requests32 = rps32 * secs as f64;
@@ -838,7 +799,7 @@ fn run(o: &Options) {
         (
             "new connections (wrk -c32, Connection: close)",
             Box::new(|s| {
-                let (rate, _) = wrk(
+                let rate = wrk(
                     s,
                     &["-t2", "-c32", "-d", &d, "-H", "Connection: close", &s.http],
                 );
@@ -1824,6 +1785,9 @@ mod tests {
                 .unwrap_err()
                 .contains("no latency")
         );
+        let text = "  1597 requests in 1.00s, 6.50MB read\nRequests/sec:   1596.57\nTransfer/sec:      6.49MB\n";
+        assert_eq!(super::wrk_rate(text), 1596.57);
+        assert_eq!(super::wrk_rate("connect error\n"), 0.0);
     }
 
     #[test]
