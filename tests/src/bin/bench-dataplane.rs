@@ -1069,7 +1069,7 @@ end
 
 /// Latencies pooled over slices, as (µs, how many) pairs, and how many
 /// requests were answered in how long.
-#[derive(Clone, Default, Debug, PartialEq)]
+#[derive(Clone, Default, Debug)]
 struct Pooled {
     latency_us: Vec<(f64, u64)>,
     answered: u64,
