@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::admin::readiness::{Readiness, TaskGuard};
 use crate::admin::{self, AdminState, CaptureStatus};
 use crate::capture::{self, CaptureSpec};
-use crate::config::MeshdConfig;
+use crate::config::{MeshdConfig, SockmapMode};
 use crate::control::{self, Control, ControlMetrics};
 use crate::dns::{DnsConfig, DnsMetrics, DnsServer, NameTable};
 use crate::drain::{self, DrainTrigger};
@@ -36,6 +36,7 @@ use crate::proxy::ProxyMetrics;
 use crate::proxy::inbound::Inbound;
 use crate::proxy::lb::{Balancer, OutlierSettings};
 use crate::proxy::outbound::{self, Outbound};
+use crate::sockmap::{self, Accel};
 use crate::tunnel::hbone::{Pool, PoolSettings};
 use crate::tunnel::quic::QuicPool;
 use crate::tunnel::server::{self as tunnel_server, ServerSettings};
@@ -70,6 +71,54 @@ pub struct Meshd {
     drain: DrainTrigger,
     shutdown: watch::Sender<bool>,
     dns: Option<DnsServer>,
+    /// Held until meshd is dropped (after the drain): the redirected
+    /// connections need the programs and maps to the end.
+    _sockmap: Option<Arc<Accel>>,
+}
+
+/// Socket redirection as set up at start, and why not if it is not.
+#[derive(Clone, Debug)]
+pub struct SockmapStatus {
+    pub accel: Option<Arc<Accel>>,
+    pub note: String,
+}
+
+/// Sets up socket redirection per `proxy.sockmap`: a failure is an error
+/// with "on", a warning (and loopback TCP) with "auto".
+fn start_sockmap(config: &MeshdConfig, app_addresses: &[IpAddr]) -> anyhow::Result<SockmapStatus> {
+    let mode = config.proxy.sockmap;
+    if mode == SockmapMode::Off {
+        return Ok(SockmapStatus {
+            accel: None,
+            note: "off: proxy.sockmap = \"off\"".to_string(),
+        });
+    }
+    let settings = sockmap::Settings {
+        mark: config.capture.mark,
+        outbound_port: config.proxy.outbound_port,
+        app_addresses: app_addresses.to_vec(),
+        cgroup: None,
+    };
+    match Accel::start(&settings) {
+        Ok(accel) => {
+            tracing::info!(cgroup = %accel.cgroup().display(), "socket redirection on: bytes between apps and meshd skip loopback TCP");
+            Ok(SockmapStatus {
+                note: format!("on (cgroup {})", accel.cgroup().display()),
+                accel: Some(Arc::new(accel)),
+            })
+        }
+        Err(e) if mode == SockmapMode::On => {
+            Err(anyhow::Error::new(e)
+                .context("setting up socket redirection (proxy.sockmap = \"on\")"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "socket redirection unavailable; apps reach meshd over loopback TCP (proxy.sockmap = \"off\" silences this)");
+            Ok(SockmapStatus {
+                accel: None,
+                note: format!("off: {e}"),
+            })
+        }
+    }
 }
 
 /// The local address of the route towards `url`'s host: the address other
@@ -331,7 +380,21 @@ impl Meshd {
             quic: Some(Arc::new(quic_pool)),
         });
         let balancer = Arc::new(Balancer::new(OutlierSettings::default()));
+        let app_addresses = if config.proxy.app_address == address {
+            vec![address]
+        } else {
+            vec![config.proxy.app_address, address]
+        };
+        let sockmap = if config.capture.enabled {
+            start_sockmap(&config, &app_addresses)?
+        } else {
+            SockmapStatus {
+                accel: None,
+                note: "off: capture is disabled".to_string(),
+            }
+        };
         let outbound = Arc::new(Outbound {
+            sockmap: sockmap.accel.clone(),
             mesh: mesh.clone(),
             tunnels: tunnels.clone(),
             transport: config.proxy.transport,
@@ -340,12 +403,8 @@ impl Meshd {
             me: identity.spiffe_id().clone(),
             access_log: config.log.access_log,
         });
-        let app_addresses = if config.proxy.app_address == address {
-            vec![address]
-        } else {
-            vec![config.proxy.app_address, address]
-        };
         let inbound = Arc::new(Inbound {
+            sockmap: sockmap.accel.clone(),
             mesh: mesh.clone(),
             metrics: proxy_metrics.clone(),
             app_addresses: app_addresses.clone(),
@@ -457,6 +516,7 @@ impl Meshd {
         // Capture: the table goes in now (replacing a stale one), and
         // follows every config change.
         let (capture_tx, capture_rx) = watch::channel(CaptureStatus::default());
+
         if config.capture.enabled {
             let state = mesh.load();
             let spec = capture_spec(&config, &state, controller_addr);
@@ -475,6 +535,11 @@ impl Meshd {
                 lines: capture::describe(&spec),
             });
             tracing::info!(table = %spec.table, "capture installed");
+            if let Some(accel) = &sockmap.accel
+                && let Err(e) = accel.set_vip_ranges(&spec.vip_ranges)
+            {
+                tracing::warn!(error = %e, "setting the VIP ranges of socket redirection failed; VIP connections use TCP");
+            }
             // Not ready until the rules reflect a config from the
             // controller (or the persisted one): before that, no VIP is
             // captured and a client would be refused.
@@ -483,7 +548,7 @@ impl Meshd {
                 config.clone(),
                 mesh.clone(),
                 controller_addr,
-                spec,
+                (spec, sockmap.accel.clone()),
                 capture_tx,
                 pending,
                 shutdown_rx.clone(),
@@ -538,6 +603,9 @@ impl Meshd {
                 .with_context(|| format!("binding the admin port {}", config.admin.listen))?
         };
         let admin_addr = admin_listener.local_addr()?;
+        if let Some(accel) = &sockmap.accel {
+            registry.register_collector(Box::new(admin::SockmapCollector(accel.clone())));
+        }
         let admin_state = Arc::new(AdminState {
             registry,
             mesh: mesh.clone(),
@@ -546,6 +614,7 @@ impl Meshd {
             readiness: readiness.clone(),
             pool: pool.clone(),
             capture: capture_rx,
+            sockmap: sockmap.clone(),
             config_json: serde_json::to_value(&config).unwrap_or_default(),
         });
         rt.control
@@ -565,6 +634,7 @@ impl Meshd {
             shutdown: shutdown_tx,
             dns,
             liveness,
+            _sockmap: sockmap.accel,
         })
     }
 
@@ -642,7 +712,9 @@ async fn follow_capture(
     config: MeshdConfig,
     mesh: Arc<MeshHandle>,
     controller: Option<SocketAddr>,
-    installed: CaptureSpec,
+    // The rules in place, and socket redirection (its VIP ranges follow
+    // the rules').
+    (installed, sockmap): (CaptureSpec, Option<Arc<Accel>>),
     status: watch::Sender<CaptureStatus>,
     mut first_config: Option<TaskGuard>,
     mut shutdown: watch::Receiver<bool>,
@@ -677,6 +749,11 @@ async fn follow_capture(
                     lines: capture::describe(&spec),
                 });
                 tracing::info!(version = state.version, endpoints = spec.endpoints.len(), strict_ports = ?spec.strict_ports, "capture rules updated");
+                if let Some(accel) = &sockmap
+                    && let Err(e) = accel.set_vip_ranges(&spec.vip_ranges)
+                {
+                    tracing::warn!(error = %e, "updating the VIP ranges of socket redirection failed; new ranges use TCP");
+                }
                 digest = new_digest;
                 vip_ranges = spec.vip_ranges;
                 first_config.take();

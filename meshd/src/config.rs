@@ -163,6 +163,21 @@ pub struct ProxySection {
     /// stream 20-50% faster on a host whose default is BBR). Must be one
     /// the kernel offers (`net.ipv4.tcp_available_congestion_control`).
     pub tunnel_congestion: Option<String>,
+    /// Socket redirection between apps and meshd on this host (eBPF
+    /// sockmap, `meshd/src/sockmap`): "auto" uses it when the kernel and
+    /// meshd's privileges allow and says why not otherwise; "on" makes a
+    /// failure to set it up an error; "off" keeps loopback TCP.
+    pub sockmap: SockmapMode,
+}
+
+/// `proxy.sockmap`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SockmapMode {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl ProxySection {
@@ -231,6 +246,7 @@ impl Default for ProxySection {
             max_connections_per_peer: 4,
             worker_threads: 0,
             tunnel_congestion: None,
+            sockmap: SockmapMode::Auto,
         }
     }
 }
@@ -492,5 +508,20 @@ mod tests {
                 .to_string();
             assert!(e.starts_with(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn sockmap_takes_auto_on_or_off() {
+        let cfg = MeshdConfig::from_toml("", "t").unwrap();
+        assert_eq!(cfg.proxy.sockmap, SockmapMode::Auto);
+        for (text, want) in [("on", SockmapMode::On), ("off", SockmapMode::Off)] {
+            let cfg =
+                MeshdConfig::from_toml(&format!("[proxy]\nsockmap = {text:?}\n"), "t").unwrap();
+            assert_eq!(cfg.proxy.sockmap, want);
+        }
+        let e = MeshdConfig::from_toml("[proxy]\nsockmap = \"yes\"\n", "/etc/hostmesh/meshd.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sockmap") && e.contains("yes"), "{e}");
     }
 }

@@ -20,5 +20,6 @@ pub mod identity;
 pub mod liveness;
 pub mod mesh;
 pub mod proxy;
+pub mod sockmap;
 pub mod tunnel;
 pub mod workers;

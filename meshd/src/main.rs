@@ -407,6 +407,20 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
         if let Some(tunnels) = v.pointer("/tunnels").and_then(|c| c.as_array()) {
             out.push_str(&format!("tunnels:     {} peers\n", tunnels.len()));
         }
+        if v.pointer("/sockmap/state").is_some() {
+            out.push_str(&format!("sockmap:     {}", s("/sockmap/state")));
+            if v.pointer("/sockmap/connections/clientRedirected").is_some() {
+                out.push_str(&format!(
+                    " (redirected: {} client, {} server; TCP: {} client, {} server; moved back to TCP: {})",
+                    s("/sockmap/connections/clientRedirected"),
+                    s("/sockmap/connections/serverRedirected"),
+                    s("/sockmap/connections/clientTcp"),
+                    s("/sockmap/connections/serverTcp"),
+                    s("/sockmap/connections/fellBack")
+                ));
+            }
+            out.push('\n');
+        }
     }
     print_out(&out);
     Ok(())

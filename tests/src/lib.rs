@@ -429,9 +429,16 @@ impl Lab {
     }
 
     /// A command run inside host `i`.
+    ///
+    /// `ip netns exec` gives the command a mount namespace of its own with
+    /// a fresh `/sys` for the network namespace, which has no cgroup
+    /// mounts; the cgroup v2 hierarchy is mounted back at `/sys/fs/cgroup`
+    /// there (in that private mount namespace only, gone with the command),
+    /// so a test host looks like a real one to meshd's socket redirection.
     pub fn cmd(&self, i: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.hosts[i].ns]).arg(program);
+        c.args(["netns", "exec", &self.hosts[i].ns, "sh", "-c", WITH_CGROUP2])
+            .arg(program);
         c
     }
 
@@ -726,3 +733,7 @@ pub mod container;
 pub mod inproc;
 pub mod mesh;
 pub mod pcap;
+
+/// `sh -c` script for [`Lab::cmd`]: mount cgroup2 if it is not there, then
+/// run the program (`$0`) with its arguments.
+const WITH_CGROUP2: &str = "grep -qs ' - cgroup2 ' /proc/self/mountinfo || mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null; exec \"$0\" \"$@\"";

@@ -82,7 +82,7 @@ async fn tunnel_server(host: Arc<Identity>) -> TunnelServer {
                 return;
             };
             if let Ok(halves) = req.stream.accept().await {
-                splice(app, halves, Arc::new(Counters::default())).await;
+                splice(app, halves, Arc::new(Counters::default()), None).await;
             }
         }
         .boxed()
@@ -156,7 +156,7 @@ async fn connect_with_early(
         .unwrap();
     let (accepted, _) = local.accept().await.unwrap();
     tokio::spawn(async move {
-        splice(accepted, halves, Arc::new(Counters::default())).await;
+        splice(accepted, halves, Arc::new(Counters::default()), None).await;
         drop(guard);
     });
     Ok(client)

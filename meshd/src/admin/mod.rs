@@ -49,7 +49,44 @@ pub struct AdminState {
     pub pool: Arc<Pool>,
     /// What nftables captures, and for which config version.
     pub capture: watch::Receiver<CaptureStatus>,
+    /// Socket redirection between apps and meshd.
+    pub sockmap: crate::app::SockmapStatus,
     pub config_json: Value,
+}
+
+/// `hostmesh_meshd_sockmap_connections_total{pair, path}`, read from the
+/// programs' counters at each scrape.
+#[derive(Debug)]
+pub struct SockmapCollector(pub Arc<crate::sockmap::Accel>);
+
+impl prometheus_client::collector::Collector for SockmapCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Ok(c) = self.0.counters() else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "sockmap_connections",
+            "Connections between an app and meshd on this host, by pair (client: app to meshd's outbound port; server: meshd to the app) and path (redirect: bytes into meshd skip loopback TCP; tcp: the connecting side sent before the other end was accepted, so TCP for the connection's lifetime; fell_back: moved back to TCP when bytes waited in meshd's socket)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (pair, path, v) in [
+            ("client", "redirect", c.client_redirected),
+            ("client", "tcp", c.client_tcp),
+            ("server", "redirect", c.server_redirected),
+            ("server", "tcp", c.server_tcp),
+            ("any", "fell_back", c.fell_back),
+        ] {
+            let labels = [("pair", pair), ("path", path)];
+            let metric = family.encode_family(&labels)?;
+            prometheus_client::metrics::counter::ConstCounter::new(v).encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 /// The capture rules in place: human lines, and the config version they
@@ -240,7 +277,22 @@ fn status_json(state: &AdminState) -> Value {
         "captured": state.capture.borrow().lines.clone(),
         "captureVersion": state.capture.borrow().version,
         "tunnels": tunnels,
+        "sockmap": sockmap_json(&state.sockmap),
         "settings": state.config_json,
+    })
+}
+
+fn sockmap_json(status: &crate::app::SockmapStatus) -> Value {
+    let counters = status.accel.as_ref().and_then(|a| a.counters().ok());
+    json!({
+        "state": status.note,
+        "connections": counters.map(|c| json!({
+            "clientRedirected": c.client_redirected,
+            "clientTcp": c.client_tcp,
+            "serverRedirected": c.server_redirected,
+            "serverTcp": c.server_tcp,
+            "fellBack": c.fell_back,
+        })),
     })
 }
 

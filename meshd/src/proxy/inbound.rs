@@ -29,6 +29,8 @@ pub struct Inbound {
     pub mark: Option<u32>,
     pub access_log: bool,
     pub drain: Drain,
+    /// Socket redirection, when on: guards the connection to the app.
+    pub sockmap: Option<Arc<crate::sockmap::Accel>>,
 }
 
 impl Inbound {
@@ -156,7 +158,8 @@ impl Inbound {
         });
         active.inc();
         let counters = Arc::new(Counters::default());
-        let (end, error) = splice(app, halves, counters.clone()).await;
+        let redirect = self.sockmap.as_ref().and_then(|a| a.guard_server(&app));
+        let (end, error) = splice(app, halves, counters.clone(), redirect).await;
         active.dec();
         // From the app's side: "sent" is what went back to the caller.
         let sent = counters.sent.load(Ordering::Relaxed);

@@ -32,6 +32,8 @@ pub struct Outbound {
     pub metrics: ProxyMetrics,
     pub me: SpiffeId,
     pub access_log: bool,
+    /// Socket redirection, when on: guards the app's connection.
+    pub sockmap: Option<Arc<crate::sockmap::Accel>>,
 }
 
 /// Early bytes read at most: a request line and headers, typically.
@@ -259,7 +261,11 @@ impl Outbound {
         counters.sent.fetch_add(early_len as u64, Ordering::Relaxed);
         let transport = stream.transport();
         let (halves, guard) = stream.into_halves();
-        let (end, error) = splice(socket, halves, counters.clone()).await;
+        let redirect = self
+            .sockmap
+            .as_ref()
+            .and_then(|a| a.guard_client(&socket, dst));
+        let (end, error) = splice(socket, halves, counters.clone(), redirect).await;
         drop(guard);
         active.dec();
         let sent = counters.sent.load(Ordering::Relaxed);

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::sockmap::{Guard, ReadGuard, WriteGuard};
+
 /// How much to read from the app's socket next: one TLS record's worth of
 /// plaintext at first (what a request or an answer needs), doubling each
 /// time a read fills it (a transfer in bulk), up to
@@ -63,6 +65,7 @@ async fn read_sized<R: AsyncRead + Unpin>(
     read: &mut R,
     buf: &mut BytesMut,
     size: &mut ReadSize,
+    guard: &mut Option<ReadGuard>,
 ) -> std::io::Result<usize> {
     use bytes::BufMut;
     let want = size.bytes();
@@ -72,6 +75,9 @@ async fn read_sized<R: AsyncRead + Unpin>(
     let asked = want.min(buf.capacity() - buf.len());
     let n = read.read_buf(&mut (&mut *buf).limit(asked)).await?;
     size.grow_after(n, asked);
+    if let Some(g) = guard {
+        g.after_read(n, asked);
+    }
     Ok(n)
 }
 
@@ -113,11 +119,12 @@ async fn socket_to_h2<R: AsyncRead + Unpin>(
     mut read: R,
     tx: &mut h2::SendStream<Bytes>,
     counters: &Counters,
+    mut guard: Option<ReadGuard>,
 ) -> Result<(), Side> {
     let mut buf = BytesMut::new();
     let mut size = ReadSize::new();
     loop {
-        let n = read_sized(&mut read, &mut buf, &mut size)
+        let n = read_sized(&mut read, &mut buf, &mut size, &mut guard)
             .await
             .map_err(Side::Local)?;
         if n == 0 {
@@ -130,6 +137,9 @@ async fn socket_to_h2<R: AsyncRead + Unpin>(
         while !data.is_empty() {
             tx.reserve_capacity(data.len());
             while tx.capacity() == 0 {
+                if let Some(g) = &mut guard {
+                    g.tunnel_full();
+                }
                 match std::future::poll_fn(|cx| tx.poll_capacity(cx)).await {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(Side::Peer(e.to_string())),
@@ -147,11 +157,18 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
     mut rx: h2::RecvStream,
     mut write: W,
     counters: &Counters,
+    mut guard: Option<WriteGuard>,
 ) -> Result<(), Side> {
     while let Some(chunk) = rx.data().await {
         let chunk = chunk.map_err(|e| Side::Peer(e.to_string()))?;
         let n = chunk.len();
+        if let Some(g) = &guard {
+            g.before_write();
+        }
         write.write_all(&chunk).await.map_err(Side::Local)?;
+        if let Some(g) = &mut guard {
+            g.after_write(n);
+        }
         counters.received.fetch_add(n as u64, Ordering::Relaxed);
         let _ = rx.flow_control().release_capacity(n);
     }
@@ -159,6 +176,29 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
 }
 
 /// The two directions of a tunnel stream, on either transport.
+fn split_guard(guard: Option<Guard>) -> (Option<ReadGuard>, Option<WriteGuard>) {
+    match guard {
+        Some(g) => (Some(g.reading), Some(g.writing)),
+        None => (None, None),
+    }
+}
+
+/// Awaits `fut`, calling `on_wait` once if it is not ready at once.
+async fn noting_wait<F: std::future::Future>(fut: F, on_wait: impl FnOnce()) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut on_wait = Some(on_wait);
+    std::future::poll_fn(|cx| {
+        let polled = fut.as_mut().poll(cx);
+        if polled.is_pending()
+            && let Some(f) = on_wait.take()
+        {
+            f();
+        }
+        polled
+    })
+    .await
+}
+
 pub enum Halves {
     H2(h2::SendStream<Bytes>, h2::RecvStream),
     Quic(quinn::SendStream, quinn::RecvStream),
@@ -171,10 +211,11 @@ pub async fn splice(
     socket: tokio::net::TcpStream,
     halves: Halves,
     counters: Arc<Counters>,
+    guard: Option<Guard>,
 ) -> (SpliceEnd, Option<String>) {
     match halves {
-        Halves::H2(tx, rx) => splice_h2(socket, tx, rx, counters).await,
-        Halves::Quic(tx, rx) => splice_quic(socket, tx, rx, counters).await,
+        Halves::H2(tx, rx) => splice_h2(socket, tx, rx, counters, guard).await,
+        Halves::Quic(tx, rx) => splice_quic(socket, tx, rx, counters, guard).await,
     }
 }
 
@@ -182,11 +223,12 @@ async fn socket_to_quic<R: AsyncRead + Unpin>(
     mut read: R,
     tx: &mut quinn::SendStream,
     counters: &Counters,
+    mut guard: Option<ReadGuard>,
 ) -> Result<(), Side> {
     let mut buf = BytesMut::new();
     let mut size = ReadSize::new();
     loop {
-        let n = read_sized(&mut read, &mut buf, &mut size)
+        let n = read_sized(&mut read, &mut buf, &mut size, &mut guard)
             .await
             .map_err(Side::Local)?;
         if n == 0 {
@@ -194,9 +236,14 @@ async fn socket_to_quic<R: AsyncRead + Unpin>(
         }
         counters.sent.fetch_add(n as u64, Ordering::Relaxed);
         // write_chunk hands the bytes to quinn without another copy.
-        tx.write_chunk(buf.split().freeze())
-            .await
-            .map_err(|e| Side::Peer(e.to_string()))?;
+        let write = tx.write_chunk(buf.split().freeze());
+        noting_wait(write, || {
+            if let Some(g) = &mut guard {
+                g.tunnel_full();
+            }
+        })
+        .await
+        .map_err(|e| Side::Peer(e.to_string()))?;
     }
 }
 
@@ -209,6 +256,7 @@ async fn quic_to_socket<W: AsyncWrite + Unpin>(
     mut rx: quinn::RecvStream,
     mut write: W,
     counters: &Counters,
+    mut guard: Option<WriteGuard>,
 ) -> Result<(), Side> {
     let mut chunks: [Bytes; QUIC_CHUNKS] = Default::default();
     loop {
@@ -216,9 +264,15 @@ async fn quic_to_socket<W: AsyncWrite + Unpin>(
             Ok(Some(n)) => {
                 let got = &mut chunks[..n];
                 let len: usize = got.iter().map(Bytes::len).sum();
+                if let Some(g) = &guard {
+                    g.before_write();
+                }
                 write_all_chunks(&mut write, got)
                     .await
                     .map_err(Side::Local)?;
+                if let Some(g) = &mut guard {
+                    g.after_write(len);
+                }
                 counters.received.fetch_add(len as u64, Ordering::Relaxed);
             }
             Ok(None) => return write.shutdown().await.map_err(Side::Local),
@@ -274,11 +328,13 @@ async fn splice_quic(
     mut tx: quinn::SendStream,
     rx: quinn::RecvStream,
     counters: Arc<Counters>,
+    guard: Option<Guard>,
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let up = socket_to_quic(read, &mut tx, &counters);
-        let down = quic_to_socket(rx, write, &counters);
+        let (reading, writing) = split_guard(guard);
+        let up = socket_to_quic(read, &mut tx, &counters, reading);
+        let down = quic_to_socket(rx, write, &counters, writing);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;
@@ -318,11 +374,13 @@ async fn splice_h2(
     mut tx: h2::SendStream<Bytes>,
     rx: h2::RecvStream,
     counters: Arc<Counters>,
+    guard: Option<Guard>,
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let up = socket_to_h2(read, &mut tx, &counters);
-        let down = h2_to_socket(rx, write, &counters);
+        let (reading, writing) = split_guard(guard);
+        let up = socket_to_h2(read, &mut tx, &counters, reading);
+        let down = h2_to_socket(rx, write, &counters, writing);
         tokio::pin!(up, down);
         let mut up_done = false;
         let mut down_done = false;

@@ -54,6 +54,8 @@ struct Options {
     workers: usize,
     /// meshd's `proxy.tunnel_congestion` (None: meshd's default, the system's).
     tunnel_congestion: Option<String>,
+    /// meshd's `proxy.sockmap` (None: meshd's default, "auto").
+    sockmap: Option<String>,
     /// The test hosts' default TCP congestion control, for every socket of
     /// every setup (None: what the machine's namespace has).
     host_congestion: Option<String>,
@@ -141,7 +143,7 @@ impl Pinning {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--sockmap auto|on|off] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -178,6 +180,7 @@ fn main() {
         rounds: 3,
         workers: 0,
         tunnel_congestion: None,
+        sockmap: None,
         host_congestion: None,
         oha: PathBuf::from("target/tools/bin/oha"),
         out_dir: PathBuf::from("target/bench"),
@@ -205,6 +208,13 @@ fn main() {
                     .unwrap_or_else(|| usage())
             }
             "--host-congestion" => o.host_congestion = Some(it.next().unwrap_or_else(|| usage())),
+            "--sockmap" => {
+                let mode = it.next().unwrap_or_else(|| usage());
+                if !["auto", "on", "off"].contains(&mode.as_str()) {
+                    usage();
+                }
+                o.sockmap = Some(mode)
+            }
             "--tunnel-congestion" => {
                 o.tunnel_congestion = Some(it.next().unwrap_or_else(|| usage()))
             }
@@ -595,10 +605,20 @@ fn run(o: &Options) {
     m.join(SERVER, "bench/server");
     m.join(CLIENT, "bench/client");
     m.join(CLIENT_QUIC, "bench/client");
-    let cc = o.tunnel_congestion.as_deref();
-    start_quiet_meshd(&mut m, SERVER, "tcp", o.workers, cc);
-    start_quiet_meshd(&mut m, CLIENT, "tcp", o.workers, cc);
-    start_quiet_meshd(&mut m, CLIENT_QUIC, "quic", o.workers, cc);
+    let extra = format!(
+        "{}{}",
+        o.tunnel_congestion
+            .as_ref()
+            .map(|c| format!("tunnel_congestion = {c:?}\n"))
+            .unwrap_or_default(),
+        o.sockmap
+            .as_ref()
+            .map(|m| format!("sockmap = {m:?}\n"))
+            .unwrap_or_default()
+    );
+    start_quiet_meshd(&mut m, SERVER, "tcp", o.workers, &extra);
+    start_quiet_meshd(&mut m, CLIENT, "tcp", o.workers, &extra);
+    start_quiet_meshd(&mut m, CLIENT_QUIC, "quic", o.workers, &extra);
     for h in [CLIENT, CLIENT_QUIC] {
         m.eventually("healthy endpoints", Duration::from_secs(30), || {
             let config = m.config(h);
@@ -956,6 +976,7 @@ fn run(o: &Options) {
         "rounds": rounds,
         "meshd_worker_threads": o.workers,
         "meshd_tunnel_congestion": o.tunnel_congestion,
+        "meshd_sockmap": o.sockmap,
         "host_congestion": host_congestion,
         "cores": cores,
         "pinned": pinning.as_ref().map(|p| json!({"client_cpus": p.client, "server_cpus": p.server})),
@@ -987,7 +1008,7 @@ fn start_quiet_meshd(
     host: usize,
     transport: &str,
     workers: usize,
-    congestion: Option<&str>,
+    proxy_extra: &str,
 ) {
     // Release meshd with warn-level logs and no access log: the benchmark
     // measures the proxy, not the log writer.
@@ -995,11 +1016,8 @@ fn start_quiet_meshd(
     write(
         &config,
         &format!(
-            "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"warn\"\naccess_log = false\n[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n{}",
+            "state_dir = {:?}\n[log]\nformat = \"json\"\nlevel = \"warn\"\naccess_log = false\n[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n{proxy_extra}",
             m.state_dir(host).display().to_string(),
-            congestion
-                .map(|c| format!("tunnel_congestion = {c:?}\n"))
-                .unwrap_or_default()
         ),
     );
     let conf = config.display().to_string();
@@ -1673,9 +1691,15 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
             None => "hosts not pinned".to_string(),
         },
         report["host_congestion"].as_str().unwrap_or_default(),
-        match report["meshd_tunnel_congestion"].as_str() {
-            Some(cc) => format!(" (meshd's tunnels: {cc})"),
-            None => String::new(),
+        match (
+            report["meshd_tunnel_congestion"].as_str(),
+            report["meshd_sockmap"].as_str()
+        ) {
+            (Some(cc), Some(sm)) =>
+                format!(" (meshd's tunnels: {cc}; meshd's proxy.sockmap: {sm})"),
+            (Some(cc), None) => format!(" (meshd's tunnels: {cc})"),
+            (None, Some(sm)) => format!(" (meshd's proxy.sockmap: {sm})"),
+            (None, None) => String::new(),
         },
         report["kernel"].as_str().unwrap_or_default()
     );
