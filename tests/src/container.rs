@@ -303,7 +303,7 @@ impl Container {
         let console = fs::File::create(dir.join("console.log")).expect("console log");
         let console_err = console.try_clone().expect("console log");
         // --register=no --keep-unit: there is no system bus (nor systemd) on
-        // the test machine. CAP_NET_ADMIN: nft inside needs it; CAP_BPF: meshd.service asks for it. The overlay
+        // the test machine. CAP_NET_ADMIN: nft inside needs it. The overlay
         // keeps the shared root untouched; nspawn puts its work directory
         // next to `upper`, inside `dir`. --resolv-conf=off: the container
         // keeps its own /etc/resolv.conf (a file in its overlay that tests
@@ -316,7 +316,7 @@ impl Container {
             .args(["--register=no", "--keep-unit", "--console=pipe"])
             .arg("--resolv-conf=off")
             .arg(format!("--network-namespace-path=/run/netns/{netns}"))
-            .arg("--capability=CAP_NET_ADMIN,CAP_BPF")
+            .arg("--capability=CAP_NET_ADMIN")
             .arg(format!(
                 "--overlay={}:{}:/",
                 root.display(),

@@ -38,9 +38,8 @@ spec: {labels: {app: web}, services: [web]}
 
 const LEASE_TTL_S: u64 = 15;
 
-/// CAP_NET_ADMIN (bit 12) and CAP_BPF (bit 39), as /proc/PID/status shows
-/// capability sets.
-const CAP_MESHD: &str = "0000008000001000";
+/// CAP_NET_ADMIN (bit 12), as /proc/PID/status shows capability sets.
+const CAP_NET_ADMIN_ONLY: &str = "0000000000001000";
 
 struct Packages {
     meshd_deb: PathBuf,
@@ -526,13 +525,12 @@ fn deb_installs_offline_joins_with_the_printed_line_runs_hardened_and_purges_cle
     c.sh_ok("systemctl start meshd");
     assert_eq!(c.unit_property("meshd.service", "ActiveState"), "active");
 
-    // It runs as meshd with CAP_NET_ADMIN and CAP_BPF and nothing else,
-    // sandboxed...
+    // It runs as meshd with CAP_NET_ADMIN and nothing else, sandboxed...
     let pid = c.unit_property("meshd.service", "MainPID");
     let uid = c.sh_ok("id -u meshd").trim().to_string();
     assert_eq!(proc_status_field(&c, &pid, "Uid"), uid);
-    assert_eq!(proc_status_field(&c, &pid, "CapEff"), CAP_MESHD);
-    assert_eq!(proc_status_field(&c, &pid, "CapBnd"), CAP_MESHD);
+    assert_eq!(proc_status_field(&c, &pid, "CapEff"), CAP_NET_ADMIN_ONLY);
+    assert_eq!(proc_status_field(&c, &pid, "CapBnd"), CAP_NET_ADMIN_ONLY);
     assert_eq!(proc_status_field(&c, &pid, "NoNewPrivs"), "1");
     assert_eq!(proc_status_field(&c, &pid, "Seccomp"), "2");
     // ...and capture works under those limits: its table is in place, and
@@ -824,7 +822,7 @@ fn ansible_roles_reach_the_same_state_and_a_second_run_changes_nothing() {
     wait_active(&node, "meshd.service");
     assert!(has_hostmesh_table(&node));
     let pid = node.unit_property("meshd.service", "MainPID");
-    assert_eq!(proc_status_field(&node, &pid, "CapEff"), CAP_MESHD);
+    assert_eq!(proc_status_field(&node, &pid, "CapEff"), CAP_NET_ADMIN_ONLY);
     m.eventually(
         "the Ansible host registered",
         Duration::from_secs(20),

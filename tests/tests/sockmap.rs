@@ -2,7 +2,7 @@
 //! network-namespace hosts with the real kernel programs: the bytes arrive
 //! whole and in order both ways, redirection is really in use (the
 //! programs' counters), an app that never reads cannot pile up kernel
-//! memory, and `proxy.sockmap = "off"` keeps plain TCP.
+//! memory, and `proxy.sockmap = "off"` (the default) keeps plain TCP.
 
 use std::time::Duration;
 
@@ -198,7 +198,7 @@ fn script(m: &MeshLab, name: &str, text: &str) -> String {
 
 #[test]
 fn redirected_bytes_arrive_whole_and_in_order_both_ways() {
-    let (m, vip) = lab("");
+    let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
     for host in [CLIENT, SERVER] {
         let s = sockmap_status(&m, host);
         assert!(
@@ -237,7 +237,7 @@ fn redirected_bytes_arrive_whole_and_in_order_both_ways() {
 
 #[test]
 fn an_app_that_never_reads_cannot_pile_up_kernel_memory() {
-    let (m, vip) = lab("");
+    let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
     let flood = script(&m, "flood.py", FLOOD);
     let out = m.lab.sh_ok(CLIENT, &format!("python3 {flood} {vip}"));
     let mut words = out.split_whitespace();

@@ -51,8 +51,9 @@
 //!   VIP, and a connection to an app address other than the configured ones.
 //! * Needs Linux ≥ 5.15 (netns cookie in sock_ops and sk_msg, atomic
 //!   compare-and-exchange), a cgroup v2 hierarchy, and CAP_BPF with
-//!   CAP_NET_ADMIN. `proxy.sockmap = "auto"` (the default) falls back to
-//!   TCP with a warning when any of it is missing; `"on"` makes it an error.
+//!   CAP_NET_ADMIN. `proxy.sockmap = "auto"` falls back to TCP with a
+//!   warning when any of it is missing; `"on"` makes it an error; `"off"`,
+//!   the default, does not try.
 //! * A bulk transfer goes back to TCP after its first few large writes:
 //!   measured here, TCP carried one stream faster than redirection did.
 //! * When meshd exits, its sockhashes go, and with them any bytes meshd had
