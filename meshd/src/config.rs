@@ -170,6 +170,8 @@ pub struct ProxySection {
     /// Off by default: it carried 36-43% more requests/s on 32 connections
     /// here but one bulk stream 22-26% slower (docs/BENCHMARKS.md), and
     /// needs CAP_BPF, which meshd.service does not grant unless told to.
+    /// Experimental: a connection whose direction goes back to TCP while
+    /// redirected bytes wait can stall (`meshd/src/sockmap`, Limits).
     pub sockmap: SockmapMode,
 }
 

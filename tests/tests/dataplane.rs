@@ -56,8 +56,7 @@ for_each_transport!(
 
 /// Data workers per meshd in the TCP runs: connections are handed to three
 /// threads in turn. The QUIC runs keep the default (one on 2 cores), so
-/// both ways are tested end to end. Likewise socket redirection: on in the
-/// TCP runs, off (the default) in the QUIC runs.
+/// both ways are tested end to end.
 const TCP_WORKERS: usize = 3;
 
 /// host 0: controller; 1, 2: web servers; 3: mesh client; 4: a plain host
@@ -66,12 +65,7 @@ fn lab(web_hosts: &[usize], transport: &str) -> MeshLab {
     hostmesh_tests::require_root();
     let mut m = MeshLab::start(5, StoreKind::Embedded, 5);
     let workers = if transport == "tcp" { TCP_WORKERS } else { 0 };
-    // The TCP runs also move the bytes between apps and meshd by socket
-    // redirection (tests/tests/sockmap.rs has its own checks).
-    let sockmap = if transport == "tcp" { "on" } else { "off" };
-    m.meshd_extra = format!(
-        "[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\nsockmap = {sockmap:?}\n"
-    );
+    m.meshd_extra = format!("[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n");
     m.apply(MESH);
     for &h in web_hosts {
         m.join(h, "shop/web");

@@ -56,6 +56,11 @@
 //!   the default, does not try.
 //! * A bulk transfer goes back to TCP after its first few large writes:
 //!   measured here, TCP carried one stream faster than redirection did.
+//! * Experimental, for a known issue: when a guard sends a direction back
+//!   to TCP while redirected bytes wait in the receiving socket, those
+//!   bytes shrink its TCP window, reading them does not make the kernel
+//!   announce the window again, and the sender waits for its zero-window
+//!   probe timer (docs/ARCHITECTURE.md, "Socket redirection").
 //! * When meshd exits, its sockhashes go, and with them any bytes meshd had
 //!   redirected that an app had not yet read; the connections themselves
 //!   end with meshd anyway.

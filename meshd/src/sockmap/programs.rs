@@ -249,6 +249,13 @@ fn insert_active(a: &mut Asm, role: Role, maps: &Maps) {
         a.st_w(FP, -8, 0);
         a.st_w(FP, -4, 0);
     }
+    insert_with_state(a, role, maps, state::UNSET);
+    a.ja("out");
+}
+
+/// This socket into `role`'s sockhash under the pair key at -16 (to `out`
+/// if a live socket has the key), then its state set to `value`.
+fn insert_with_state(a: &mut Asm, role: Role, maps: &Maps, value: i32) {
     a.mov(R1, R6);
     a.ld_map(R2, maps.socks[role as usize]);
     a.stack_addr(R3, -16);
@@ -256,19 +263,18 @@ fn insert_active(a: &mut Asm, role: Role, maps: &Maps) {
     a.call(SOCK_HASH_UPDATE);
     a.jmp_imm(Cond::Ne, R0, 0, "out");
     state_key(a, role);
-    a.st_w(FP, -48, state::UNSET);
+    a.st_w(FP, -48, value);
     a.ld_map(R1, maps.state);
     a.stack_addr(R2, -40);
     a.stack_addr(R3, -48);
     a.mov_imm(R4, BPF_ANY);
     a.call(MAP_UPDATE_ELEM);
-    a.ja("out");
 }
 
-/// A passive socket whose pair key is at -8/-4: if an active socket of the
-/// peer role has that key and is still UNSET... it is the other end. Into
-/// `role`'s sockhash, then the active end is ARMED (only after the insert,
-/// so an ARMED socket's peer is always there to redirect to).
+/// A passive socket whose pair key is at -16: if an active socket of the
+/// peer role has that key, it is the other end. Into `role`'s sockhash,
+/// then the active end is ARMED if still UNSET (only after the insert, so
+/// an ARMED socket's peer is always there to redirect to).
 fn pair_passive(a: &mut Asm, role: Role, maps: &Maps) {
     state_key(a, role.peer());
     a.ld_map(R1, maps.state);
@@ -276,21 +282,9 @@ fn pair_passive(a: &mut Asm, role: Role, maps: &Maps) {
     a.call(MAP_LOOKUP_ELEM);
     a.jmp_imm(Cond::Eq, R0, 0, "out");
     a.mov(R7, R0);
-    a.mov(R1, R6);
-    a.ld_map(R2, maps.socks[role as usize]);
-    a.stack_addr(R3, -16);
-    a.mov_imm(R4, BPF_NOEXIST);
-    a.call(SOCK_HASH_UPDATE);
-    a.jmp_imm(Cond::Ne, R0, 0, "out");
     // This end redirects from its first byte (the other end was in its
     // sockhash before it existed; it cannot send before the accept)...
-    state_key(a, role);
-    a.st_w(FP, -48, state::ACTIVE);
-    a.ld_map(R1, maps.state);
-    a.stack_addr(R2, -40);
-    a.stack_addr(R3, -48);
-    a.mov_imm(R4, BPF_ANY);
-    a.call(MAP_UPDATE_ELEM);
+    insert_with_state(a, role, maps, state::ACTIVE);
     // ...and the other end will, if it has not sent yet.
     a.mov_imm(R0, state::UNSET);
     a.mov_imm(R1, state::ARMED);
