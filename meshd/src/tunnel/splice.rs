@@ -176,13 +176,6 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
 }
 
 /// The two directions of a tunnel stream, on either transport.
-fn split_guard(guard: Option<Guard>) -> (Option<ReadGuard>, Option<WriteGuard>) {
-    match guard {
-        Some(g) => (Some(g.reading), Some(g.writing)),
-        None => (None, None),
-    }
-}
-
 /// Awaits `fut`, calling `on_wait` once if it is not ready at once.
 async fn noting_wait<F: std::future::Future>(fut: F, on_wait: impl FnOnce()) -> F::Output {
     let mut fut = std::pin::pin!(fut);
@@ -332,7 +325,7 @@ async fn splice_quic(
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let (reading, writing) = split_guard(guard);
+        let (reading, writing) = guard.map(|g| (g.reading, g.writing)).unzip();
         let up = socket_to_quic(read, &mut tx, &counters, reading);
         let down = quic_to_socket(rx, write, &counters, writing);
         tokio::pin!(up, down);
@@ -378,7 +371,7 @@ async fn splice_h2(
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let (reading, writing) = split_guard(guard);
+        let (reading, writing) = guard.map(|g| (g.reading, g.writing)).unzip();
         let up = socket_to_h2(read, &mut tx, &counters, reading);
         let down = h2_to_socket(rx, write, &counters, writing);
         tokio::pin!(up, down);
