@@ -411,12 +411,13 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
             out.push_str(&format!("sockmap:     {}", s("/sockmap/state")));
             if v.pointer("/sockmap/connections/clientRedirected").is_some() {
                 out.push_str(&format!(
-                    " (redirected: {} client, {} server; TCP: {} client, {} server; moved back to TCP: {})",
+                    " (redirected: {} client, {} server; TCP: {} client, {} server; moved back to TCP: {}, of which plain TCP sockets again: {})",
                     s("/sockmap/connections/clientRedirected"),
                     s("/sockmap/connections/serverRedirected"),
                     s("/sockmap/connections/clientTcp"),
                     s("/sockmap/connections/serverTcp"),
-                    s("/sockmap/connections/fellBack")
+                    s("/sockmap/connections/fellBack"),
+                    s("/sockmap/connections/takenOut")
                 ));
             }
             out.push('\n');

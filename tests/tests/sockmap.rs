@@ -4,14 +4,15 @@
 //! programs' counters), and `proxy.sockmap = "off"` (the default) keeps
 //! plain TCP.
 //!
-//! Known issue (why redirection is experimental, and why two checks here
-//! are `#[ignore]`d; run them with `-- --ignored`): once a guard sends a
-//! direction back to TCP while redirected bytes wait in the receiver, the
-//! receiver's TCP window does not reopen when it reads them, and the sender
-//! waits for its zero-window probe timer; under load (debug builds, several
-//! labs at once) a streaming connection then stalls for seconds, and once
-//! an app writing without reading was reset. Exchanges that never trip a
-//! guard, like the ping-pong below, are not affected.
+//! The two streaming checks go through the guards (meshd/src/sockmap,
+//! `Guard`): a stream both ways, which goes back to TCP and takes the app
+//! sockets out of their sockhashes, and an app that writes without ever
+//! reading. Before the guards kept receivers' queues under a quarter of
+//! their buffers, a direction sent back to TCP could wait on a zero TCP
+//! window for the sender's probe timer (seconds), and before app sockets
+//! left their sockhashes a blocking `recv` could fail with EAGAIN (the
+//! kernel's sockmap read path returns it when woken without data); the
+//! stream check caught both, 1 to 3 times in 24 runs three at a time.
 
 use std::time::Duration;
 
@@ -245,18 +246,32 @@ fn requests_and_answers_arrive_byte_for_byte_by_redirect() {
     );
 }
 
-/// A stream both ways at once, through the guards (known issue above).
+/// A stream both ways at once, through the guards: each connection starts
+/// redirected (the ping-pong), goes back to TCP for the bulk, and its app
+/// sockets leave their sockhashes.
 #[test]
-#[ignore = "experimental redirection: a stream that trips a guard can stall (module docs)"]
 fn streams_both_ways_arrive_whole_and_in_order() {
     let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
     let check = script(&m, "check.py", CHECK);
-    m.lab
-        .sh_ok(CLIENT, &format!("python3 {check} {vip} 8 8000000"));
+    let out = m
+        .lab
+        .sh(CLIENT, &format!("python3 {check} {vip} 8 8000000"));
+    assert!(
+        out.status.success(),
+        "{}{}\n==== echo server\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.apps[0].log(),
+        m.logs()
+    );
+    for host in [CLIENT, SERVER] {
+        let s = sockmap_status(&m, host);
+        assert!(count(&s, "fellBack") >= 1, "host {host}: {s}");
+        assert!(count(&s, "takenOut") >= 1, "host {host}: {s}");
+    }
 }
 
 #[test]
-#[ignore = "experimental redirection: once reset the app's connection (module docs)"]
 fn an_app_that_never_reads_cannot_pile_up_kernel_memory() {
     let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
     let flood = script(&m, "flood.py", FLOOD);
@@ -272,8 +287,9 @@ fn an_app_that_never_reads_cannot_pile_up_kernel_memory() {
     let sent = field(&mut words, "sent");
     let queued = field(&mut words, "queued");
     // Unchecked, 3 s of this queued 1 GB in the app's socket. With the
-    // guard, the echo goes back to TCP once 4 MiB wait there, and TCP's
-    // window stops the app's writes soon after.
+    // guards, meshd waits while a quarter of the app's receive buffer is
+    // full, then (the app still not reading) goes back to TCP, whose
+    // window stops the writes as it would without the mesh.
     assert!(
         queued <= 8 << 20,
         "{queued} bytes wait in the app's socket ({out})"

@@ -70,7 +70,7 @@ impl prometheus_client::collector::Collector for SockmapCollector {
         };
         let mut family = encoder.encode_descriptor(
             "sockmap_connections",
-            "Connections between an app and meshd on this host, by pair (client: app to meshd's outbound port; server: meshd to the app) and path (redirect: bytes into meshd skip loopback TCP; tcp: the connecting side sent before the other end was accepted, so TCP for the connection's lifetime; fell_back: moved back to TCP when bytes waited in meshd's socket)",
+            "Connections between an app and meshd on this host, by pair (client: app to meshd's outbound port; server: meshd to the app) and path (redirect: bytes into meshd skip loopback TCP; tcp: the connecting side sent before the other end was accepted, so TCP for the connection's lifetime; fell_back: moved back to TCP by a guard; taken_out: of those, app sockets then taken out of their sockhash, plain TCP sockets again)",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -80,6 +80,7 @@ impl prometheus_client::collector::Collector for SockmapCollector {
             ("server", "redirect", c.server_redirected),
             ("server", "tcp", c.server_tcp),
             ("any", "fell_back", c.fell_back),
+            ("any", "taken_out", c.taken_out),
         ] {
             let labels = [("pair", pair), ("path", path)];
             let metric = family.encode_family(&labels)?;
@@ -292,6 +293,7 @@ fn sockmap_json(status: &crate::app::SockmapStatus) -> Value {
             "serverRedirected": c.server_redirected,
             "serverTcp": c.server_tcp,
             "fellBack": c.fell_back,
+            "takenOut": c.taken_out,
         })),
     })
 }

@@ -139,9 +139,10 @@ pub struct Counters {
     /// meshd → app connections left on TCP (meshd sent before the app had
     /// accepted).
     pub server_tcp: u64,
-    /// Connections meshd moved back to TCP because bytes were waiting in
-    /// its socket ([`Guard`]).
+    /// Connections a guard moved back to TCP ([`Guard`]).
     pub fell_back: u64,
+    /// App sockets taken out of their sockhash after that ([`Retire`]).
+    pub taken_out: u64,
 }
 
 /// Redirection in place; dropping it detaches the programs and frees the
@@ -158,6 +159,7 @@ pub struct Accel {
     installed: Mutex<Vec<(u32, Ipv4Addr)>>,
     cgroup: PathBuf,
     fell_back: AtomicU64,
+    taken_out: AtomicU64,
 }
 
 impl std::fmt::Debug for Accel {
@@ -191,7 +193,9 @@ impl Accel {
                 &format!("hm_{}", role_name(role)),
                 sys::MAP_TYPE_SOCKHASH,
                 16,
-                4,
+                // A lookup from user space answers the socket's cookie
+                // (8 bytes); an update takes an fd in the same 8.
+                8,
                 SOCKETS_PER_ROLE,
                 0,
             )?);
@@ -263,6 +267,7 @@ impl Accel {
             installed: Mutex::new(Vec::new()),
             cgroup,
             fell_back: AtomicU64::new(0),
+            taken_out: AtomicU64::new(0),
         })
     }
 
@@ -305,6 +310,7 @@ impl Accel {
             server_redirected: read(programs::counter_index(Role::Upstream, true))?,
             server_tcp: read(programs::counter_index(Role::Upstream, false))?,
             fell_back: self.fell_back.load(Ordering::Relaxed),
+            taken_out: self.taken_out.load(Ordering::Relaxed),
         })
     }
 
@@ -341,42 +347,57 @@ impl Accel {
         app_sends: (Role, PairKey),
         meshd_sends: Role,
     ) -> Guard {
-        let wrote = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared::default());
         let (app_role, key) = app_sends;
         Guard {
             reading: ReadGuard {
                 accel: self.clone(),
-                role: app_role,
-                key,
+                key: key.state(app_role),
                 fd: socket.as_raw_fd(),
                 done: false,
-                meshd_wrote: wrote.clone(),
+                shared: shared.clone(),
             },
             writing: WriteGuard {
                 accel: self.clone(),
                 key: key.state(meshd_sends),
                 app_socket,
                 unchecked: 0,
+                check_every: WriteGuard::CHECK_MIN,
                 bulk: 0,
                 done: false,
-                wrote,
+                shared: shared.clone(),
+            },
+            retiring: Retire {
+                accel: self.clone(),
+                role: app_role,
+                key,
+                meshd_sends,
+                app_socket,
+                shared,
             },
         }
     }
 
     /// Sends the connection with this state key by TCP from now on.
     fn fall_back(&self, key: &[u8; 24], why: &str) {
+        if self.set_pass(key, why) {
+            self.fell_back.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(why, "connection back on TCP");
+        }
+    }
+
+    fn set_pass(&self, key: &[u8; 24], why: &str) -> bool {
         match sys::map_update(
             &self.state,
             key,
             &programs::state::PASS.to_ne_bytes(),
             "a connection's state",
         ) {
-            Ok(()) => {
-                self.fell_back.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(why, "connection back on TCP");
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, why, "moving a connection back to TCP failed");
+                false
             }
-            Err(e) => tracing::warn!(error = %e, why, "moving a connection back to TCP failed"),
         }
     }
 }
@@ -385,36 +406,87 @@ impl Accel {
 /// receive buffer: TCP's window, which would make the sender wait, is not
 /// in the way. Without a check, a sender faster than its reader piles bytes
 /// up in kernel memory without bound (measured: 1 GB in 3 s from an app
-/// that writes to an echo service and never reads). meshd is one end of
-/// every redirected connection and checks both directions; a connection
-/// that trips a check goes back to TCP for that direction, for good (the
-/// safe switch, `programs.rs`), and TCP's window holds the sender back as
-/// it would without redirection. Request-and-answer traffic never trips
-/// them; a bulk transfer does within its first few writes.
+/// that writes to an echo service and never reads).
+///
+/// The kernel counts redirected bytes in the receiving socket's receive
+/// memory, so while they wait they also shrink the TCP window that socket
+/// announces; and reading them does not announce the window again (the
+/// sockmap read path skips the window update a TCP read makes). A
+/// direction that went back to TCP while its receiver's queue was near the
+/// buffer would then wait on a zero window until the sender's probe timer
+/// fired (seconds, with its back-off; seen before these rules). So the
+/// guards keep every redirected receiver's queue well under its buffer,
+/// where the window stays open:
+///
+/// * meshd → app ([`WriteGuard`]): meshd is the sender, and waits while
+///   the app's socket holds more than [`HOLD_ABOVE`] of its buffer, until
+///   it holds less than [`RESUME_BELOW`]; the tunnel's flow control holds
+///   the far side back meanwhile, as TCP's window would. An app that stays
+///   that slow for [`WriteGuard::HOLD_FOR`], and a bulk transfer, go back
+///   to TCP for that direction.
+/// * app → meshd ([`ReadGuard`]): the app is the sender, and nothing but
+///   TCP's window can hold it back: the direction goes back to TCP as soon
+///   as the tunnel is full, or when meshd finds more than [`HOLD_ABOVE`] of
+///   its buffer waiting.
+///
+/// Going back to TCP is for good (the safe switch, `programs.rs`), and for
+/// both directions: once one guard trips, [`Retire`] moves the other too,
+/// and takes the app's socket out of its sockhash as soon as nothing
+/// redirected waits in it, so it is a plain TCP socket again (no `sk_msg`
+/// step on its writes, no sockmap read path). Request-and-answer traffic
+/// trips none of this.
 #[derive(Debug)]
 pub struct Guard {
     /// The app's bytes into meshd's socket.
     pub reading: ReadGuard,
     /// meshd's bytes into the app's socket.
     pub writing: WriteGuard,
+    /// Run beside the two for as long as the connection lasts.
+    pub retiring: Retire,
 }
 
-/// More than this many bytes waiting to be read in a socket (about the
-/// most TCP's receive buffer holds by default, `tcp_rmem`).
-pub const QUEUE_LIMIT: u32 = 4 << 20;
+/// What the three parts of a [`Guard`] share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// A guard tripped: the connection goes back to TCP.
+    on_tcp: AtomicBool,
+    tripped: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn trip(&self) {
+        self.on_tcp.store(true, Ordering::Relaxed);
+        self.tripped.notify_one();
+    }
+}
+
+/// More than this share of a socket's receive buffer waiting (a quarter)
+/// is too much.
+pub const HOLD_ABOVE: Share = Share(4);
+/// meshd resumes writing to an app once less than this share (an eighth)
+/// waits.
+pub const RESUME_BELOW: Share = Share(8);
+
+/// One n-th of a receive buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Share(u32);
+
+impl Share {
+    fn of(self, buffer: u32) -> u32 {
+        buffer / self.0
+    }
+}
 
 /// The app → meshd direction: meshd reads the app's bytes only as fast as
 /// the tunnel takes them.
 #[derive(Debug)]
 pub struct ReadGuard {
     accel: Arc<Accel>,
-    /// The app's socket: its role and sockhash key.
-    role: Role,
-    key: PairKey,
+    /// The state key of the app's sends.
+    key: [u8; 24],
     fd: std::os::fd::RawFd,
     done: bool,
-    /// Whether meshd has begun writing to the app (set before the write).
-    meshd_wrote: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl ReadGuard {
@@ -430,8 +502,10 @@ impl ReadGuard {
         if self.done || got < asked {
             return;
         }
-        match sys::rmem_alloc(self.fd) {
-            Ok(queued) if queued > QUEUE_LIMIT => self.stop("bytes wait in meshd's socket"),
+        match sys::rmem(self.fd) {
+            Ok(m) if m.queued > HOLD_ABOVE.of(m.buffer) => {
+                self.stop("bytes wait in meshd's socket")
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "SO_MEMINFO"),
         }
@@ -442,79 +516,176 @@ impl ReadGuard {
             return;
         }
         self.done = true;
-        self.accel.fall_back(&self.key.state(self.role), why);
-        // An app socket in a sockhash sends through the sk_msg path even
-        // when its bytes are not redirected (a copy into a scatterlist and a
-        // program run per write): out of the sockhash it is a plain TCP
-        // socket again. Only while nothing has been redirected *to* it, as
-        // leaving the sockhash drops its queue of redirected bytes; both
-        // directions run on this task, so no write starts meanwhile.
-        if !self.meshd_wrote.load(Ordering::Relaxed)
-            && let Err(e) = sys::map_delete(
-                &self.accel.socks[self.role as usize],
-                &self.key.0,
-                "a sockhash",
-            )
-        {
-            tracing::debug!(error = %e, "taking an app socket out of its sockhash");
+        if !self.shared.on_tcp.load(Ordering::Relaxed) {
+            self.accel.fall_back(&self.key, why);
+            self.shared.trip();
         }
     }
 }
 
-/// The meshd → app direction: the app reads at its own pace. Every
-/// [`WriteGuard::CHECK_EVERY`] bytes meshd writes, it asks the kernel how
-/// many the app has not read (sock_diag, as `ss -m`).
+/// The meshd → app direction: the app reads at its own pace. Every so many
+/// bytes meshd writes (an eighth of the app's receive buffer, at least
+/// [`WriteGuard::CHECK_MIN`]), it asks the kernel how many the app has not
+/// read (sock_diag, as `ss -m`), and waits while that is too many.
 #[derive(Debug)]
 pub struct WriteGuard {
     accel: Arc<Accel>,
     key: [u8; 24],
     app_socket: (SocketAddrV4, SocketAddrV4),
     unchecked: usize,
+    check_every: usize,
     bulk: u32,
     done: bool,
-    wrote: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl WriteGuard {
-    pub const CHECK_EVERY: usize = 1 << 20;
-    /// Writes this large, this many in a row, are a bulk transfer.
+    pub const CHECK_MIN: usize = 16 << 10;
+    pub const CHECK_MAX: usize = 1 << 20;
+    /// Writes this large, this many in a row, are a bulk transfer: TCP
+    /// carries one faster than redirection does.
     pub const BULK_WRITE: usize = 16 << 10;
     pub const BULK_STREAK: u32 = 4;
+    /// An app still behind after this long goes back to TCP, whose window
+    /// wakes meshd when the app reads; a wait polls the kernel, from every
+    /// millisecond to every [`WriteGuard::POLL_MAX`].
+    pub const HOLD_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+    pub const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(16);
 
-    /// Before meshd writes to the app.
-    pub fn before_write(&self) {
-        self.wrote.store(true, Ordering::Relaxed);
-    }
-
-    /// After meshd wrote `n` bytes to the app.
-    pub fn after_write(&mut self, n: usize) {
-        if self.done {
+    /// After meshd wrote `n` bytes to the app: returns once the app's
+    /// queue leaves room for more.
+    pub async fn after_write(&mut self, n: usize) {
+        if self.done || self.shared.on_tcp.load(Ordering::Relaxed) {
             return;
         }
-        // A bulk transfer: TCP carries it faster than redirection does.
         self.bulk = if n >= Self::BULK_WRITE {
             self.bulk + 1
         } else {
             0
         };
-        if self.bulk >= Self::BULK_STREAK {
-            self.done = true;
-            self.accel.fall_back(&self.key, "a bulk transfer");
-            return;
-        }
+        let bulk = self.bulk >= Self::BULK_STREAK;
         self.unchecked += n;
-        if self.unchecked < Self::CHECK_EVERY {
+        if !bulk && self.unchecked < self.check_every {
             return;
         }
         self.unchecked = 0;
-        match sys::peer_rmem_alloc(self.app_socket.0, self.app_socket.1) {
-            Ok(Some(queued)) if queued > QUEUE_LIMIT => {
-                self.done = true;
-                self.accel
-                    .fall_back(&self.key, "bytes wait in the app's socket");
+        let caught_up = self.wait_for_room().await;
+        if bulk || !caught_up {
+            self.done = true;
+            let why = if bulk {
+                "a bulk transfer"
+            } else {
+                "the app reads slowly"
+            };
+            self.accel.fall_back(&self.key, why);
+            self.shared.trip();
+        }
+    }
+
+    /// Waits while more than [`HOLD_ABOVE`] of the app's buffer waits, until
+    /// less than [`RESUME_BELOW`] does; false if that took longer than
+    /// [`WriteGuard::HOLD_FOR`].
+    async fn wait_for_room(&mut self) -> bool {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        let mut limit = HOLD_ABOVE;
+        loop {
+            let m = match sys::peer_rmem(self.app_socket.0, self.app_socket.1) {
+                Ok(Some(m)) => m,
+                // Closed: the next write says so.
+                Ok(None) => return true,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sock_diag");
+                    return true;
+                }
+            };
+            self.check_every = (m.buffer as usize / 8).clamp(Self::CHECK_MIN, Self::CHECK_MAX);
+            if m.queued <= limit.of(m.buffer) {
+                return true;
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "sock_diag"),
+            if started.elapsed() >= Self::HOLD_FOR {
+                return false;
+            }
+            limit = RESUME_BELOW;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Self::POLL_MAX);
+        }
+    }
+}
+
+/// Once a guard has tripped: both directions by TCP, and the app's socket
+/// out of its sockhash when that is safe.
+///
+/// Leaving a sockhash drops a socket's queue of redirected bytes, so the
+/// app's socket leaves only once that queue is empty for good: both
+/// directions are on TCP first (nothing new is redirected into it: only
+/// meshd's writes were, and they run on this connection's task, between
+/// whose steps the switch is made), and then either nothing at all waits
+/// in it or the app has read bytes TCP brought, which the kernel gives it
+/// only once the redirected ones are read. Its key must still be its own
+/// (the sockhash answers the cookie of the socket under a key).
+#[derive(Debug)]
+pub struct Retire {
+    accel: Arc<Accel>,
+    /// The app's socket: its role and sockhash key, and its addresses.
+    role: Role,
+    key: PairKey,
+    meshd_sends: Role,
+    app_socket: (SocketAddrV4, SocketAddrV4),
+    shared: Arc<Shared>,
+}
+
+impl Retire {
+    /// How long to wait for the app to read what was redirected to it.
+    pub const WAIT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Never returns; dropped with the connection.
+    pub async fn run(self) {
+        self.shared.tripped.notified().await;
+        self.accel
+            .set_pass(&self.key.state(self.role), "both directions by TCP");
+        self.accel
+            .set_pass(&self.key.state(self.meshd_sends), "both directions by TCP");
+        self.take_out().await;
+        std::future::pending::<()>().await;
+    }
+
+    async fn take_out(&self) {
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        loop {
+            let m = match sys::peer_rmem(self.app_socket.0, self.app_socket.1) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sock_diag");
+                    return;
+                }
+            };
+            if m.queued == 0 || m.tcp_read.is_some_and(|r| r > 0) {
+                let socks = &self.accel.socks[self.role as usize];
+                let mut cookie = [0u8; 8];
+                match sys::map_lookup(socks, &self.key.0, &mut cookie, "a sockhash") {
+                    Ok(true) if u64::from_ne_bytes(cookie) == m.cookie => {
+                        match sys::map_delete(socks, &self.key.0, "a sockhash") {
+                            Ok(()) => {
+                                self.accel.taken_out.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "taking an app socket out of its sockhash")
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "looking up an app socket"),
+                }
+                return;
+            }
+            if started.elapsed() >= Self::WAIT_FOR {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(64));
         }
     }
 }

@@ -276,10 +276,24 @@ pub(super) fn netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
     }
 }
 
-/// The bytes charged to a socket's receive side (`SO_MEMINFO`,
-/// `SK_MEMINFO_RMEM_ALLOC`): with redirection, what waits to be read,
-/// redirected or not.
-pub(super) fn rmem_alloc(fd: std::os::fd::RawFd) -> std::io::Result<u32> {
+/// A socket's receive side: the bytes charged to it (`SK_MEMINFO_RMEM_ALLOC`:
+/// with redirection, what waits to be read, redirected or not; the kernel
+/// counts redirected bytes there too, so they shrink the TCP window it
+/// announces) and its receive buffer (`SK_MEMINFO_RCVBUF`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Rmem {
+    pub queued: u32,
+    pub buffer: u32,
+    /// Bytes TCP delivered that the socket's owner has read (`tcp_info`'s
+    /// bytes received, less what waits unread); only from sock_diag.
+    pub tcp_read: Option<u64>,
+    /// The socket's cookie (what a sockhash lookup answers); only from
+    /// sock_diag, else 0.
+    pub cookie: u64,
+}
+
+/// [`Rmem`] of one of meshd's own sockets (`SO_MEMINFO`).
+pub(super) fn rmem(fd: std::os::fd::RawFd) -> std::io::Result<Rmem> {
     const SO_MEMINFO: libc::c_int = 55;
     let mut v = [0u32; 9];
     let mut len = std::mem::size_of_val(&v) as libc::socklen_t;
@@ -297,21 +311,27 @@ pub(super) fn rmem_alloc(fd: std::os::fd::RawFd) -> std::io::Result<u32> {
     if r < 0 {
         Err(std::io::Error::last_os_error())
     } else {
-        Ok(v[0])
+        Ok(Rmem {
+            queued: v[0],
+            buffer: v[1],
+            tcp_read: None,
+            cookie: 0,
+        })
     }
 }
 
-/// The receive-side bytes of the TCP socket `local` → `remote` in this
-/// network namespace, whoever owns it (sock_diag over netlink, as `ss -m`
-/// asks): how much an app has not yet read. `None` if there is no such
-/// socket (it closed).
-pub(super) fn peer_rmem_alloc(
+/// [`Rmem`] of the TCP socket `local` → `remote` in this network
+/// namespace, whoever owns it (sock_diag over netlink, as `ss -m` asks):
+/// how much an app has not yet read, and its buffer. `None` if there is no
+/// such socket (it closed).
+pub(super) fn peer_rmem(
     local: std::net::SocketAddrV4,
     remote: std::net::SocketAddrV4,
-) -> std::io::Result<Option<u32>> {
+) -> std::io::Result<Option<Rmem>> {
     const NETLINK_SOCK_DIAG: libc::c_int = 4;
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const NLMSG_ERROR: u16 = 2;
+    const INET_DIAG_INFO: u16 = 2;
     const INET_DIAG_SKMEMINFO: u16 = 7;
     const REQ_LEN: usize = 16 + 56;
     const MSG_LEN: usize = 72;
@@ -324,7 +344,7 @@ pub(super) fn peer_rmem_alloc(
     let r = &mut req[16..];
     r[0] = libc::AF_INET as u8;
     r[1] = libc::IPPROTO_TCP as u8;
-    r[2] = 1 << (INET_DIAG_SKMEMINFO - 1);
+    r[2] = 1 << (INET_DIAG_SKMEMINFO - 1) | 1 << (INET_DIAG_INFO - 1);
     r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes());
     r[8..10].copy_from_slice(&local.port().to_be_bytes());
     r[10..12].copy_from_slice(&remote.port().to_be_bytes());
@@ -364,23 +384,27 @@ pub(super) fn peer_rmem_alloc(
     if sent < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut buf = [0u8; 1024];
+    let mut buf = [0u8; 2048];
     // SAFETY: buf is valid for writing buf.len() bytes for the call.
     let got = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if got < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(parse_diag_rmem(
-        &buf[..got as usize],
-        NLMSG_ERROR,
-        INET_DIAG_SKMEMINFO,
-        MSG_LEN,
-    ))
+    Ok(parse_diag_rmem(&buf[..got as usize], NLMSG_ERROR, MSG_LEN))
 }
 
-/// `rmem_alloc` from a sock_diag answer; `None` for an error answer (no
-/// such socket) or one without the memory attribute.
-fn parse_diag_rmem(msg: &[u8], nlmsg_error: u16, skmeminfo: u16, msg_len: usize) -> Option<u32> {
+const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_SKMEMINFO: u16 = 7;
+/// Where `idiag_rqueue` (bytes TCP delivered, unread) is in
+/// `struct inet_diag_msg`, and `tcpi_bytes_received` in `struct tcp_info`.
+const RQUEUE_AT: usize = 56;
+/// `idiag_cookie`, two u32 (low, high), in `struct inet_diag_msg`.
+const COOKIE_AT: usize = 44;
+const BYTES_RECEIVED_AT: usize = 128;
+
+/// [`Rmem`] from a sock_diag answer; `None` for an error answer (no such
+/// socket) or one without the memory attribute.
+fn parse_diag_rmem(msg: &[u8], nlmsg_error: u16, msg_len: usize) -> Option<Rmem> {
     let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]));
     let u32_at = |b: &[u8], i: usize| {
         b.get(i..i + 4)
@@ -390,27 +414,48 @@ fn parse_diag_rmem(msg: &[u8], nlmsg_error: u16, skmeminfo: u16, msg_len: usize)
     if u16_at(msg, 4)? == nlmsg_error || len > msg.len() {
         return None;
     }
+    let rqueue = u32_at(msg, 16 + RQUEUE_AT)?;
+    let cookie =
+        u64::from(u32_at(msg, 16 + COOKIE_AT)?) | u64::from(u32_at(msg, 16 + COOKIE_AT + 4)?) << 32;
     let mut at = 16 + msg_len;
+    let mut mem = None;
+    let mut received = None;
     while at + 4 <= len {
         let alen = usize::from(u16_at(msg, at)?);
         if alen < 4 {
             return None;
         }
-        if u16_at(msg, at + 2)? == skmeminfo {
-            return u32_at(msg, at + 4);
+        match u16_at(msg, at + 2)? {
+            INET_DIAG_SKMEMINFO if alen >= 12 => {
+                mem = Some((u32_at(msg, at + 4)?, u32_at(msg, at + 8)?));
+            }
+            INET_DIAG_INFO if alen >= 4 + BYTES_RECEIVED_AT + 8 => {
+                let b = msg.get(at + 4 + BYTES_RECEIVED_AT..at + 4 + BYTES_RECEIVED_AT + 8)?;
+                received = Some(u64::from_ne_bytes(b.try_into().ok()?));
+            }
+            _ => {}
         }
         at += (alen + 3) & !3;
     }
-    None
+    let (queued, buffer) = mem?;
+    Some(Rmem {
+        queued,
+        buffer,
+        tcp_read: received.map(|r| r.saturating_sub(u64::from(rqueue))),
+        cookie,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_diag_rmem;
+    use super::{Rmem, parse_diag_rmem, peer_rmem};
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
 
     #[test]
     fn reads_rmem_from_a_diag_answer() {
         let mut m = vec![0u8; 16 + 72];
+        m[16 + 56..16 + 60].copy_from_slice(&300u32.to_ne_bytes());
         // An unrelated attribute (5 bytes, padded to 8), then SKMEMINFO.
         m.extend_from_slice(&5u16.to_ne_bytes());
         m.extend_from_slice(&4u16.to_ne_bytes());
@@ -418,15 +463,73 @@ mod tests {
         m.extend_from_slice(&(4u16 + 36).to_ne_bytes());
         m.extend_from_slice(&7u16.to_ne_bytes());
         m.extend_from_slice(&123_456u32.to_ne_bytes());
-        m.extend_from_slice(&[0; 32]);
+        m.extend_from_slice(&131_072u32.to_ne_bytes());
+        m.extend_from_slice(&[0; 28]);
         let len = m.len() as u32;
         m[0..4].copy_from_slice(&len.to_ne_bytes());
         m[4..6].copy_from_slice(&20u16.to_ne_bytes());
-        assert_eq!(parse_diag_rmem(&m, 2, 7, 72), Some(123_456));
+        let want = Rmem {
+            queued: 123_456,
+            buffer: 131_072,
+            tcp_read: None,
+            cookie: 0,
+        };
+        assert_eq!(parse_diag_rmem(&m, 2, 72), Some(want));
+        // With tcp_info: bytes received 1,000, of which 300 wait.
+        let mut info = vec![0u8; 4 + 232];
+        let info_len = info.len() as u16;
+        info[0..2].copy_from_slice(&info_len.to_ne_bytes());
+        info[2..4].copy_from_slice(&2u16.to_ne_bytes());
+        info[4 + 128..4 + 136].copy_from_slice(&1_000u64.to_ne_bytes());
+        let mut with_info = m.clone();
+        with_info.extend_from_slice(&info);
+        let len = with_info.len() as u32;
+        with_info[0..4].copy_from_slice(&len.to_ne_bytes());
+        assert_eq!(
+            parse_diag_rmem(&with_info, 2, 72),
+            Some(Rmem {
+                tcp_read: Some(700),
+                ..want
+            })
+        );
         // An error answer (no such socket).
         m[4..6].copy_from_slice(&2u16.to_ne_bytes());
-        assert_eq!(parse_diag_rmem(&m, 2, 7, 72), None);
+        assert_eq!(parse_diag_rmem(&m, 2, 72), None);
         // Truncated.
-        assert_eq!(parse_diag_rmem(&m[..10], 2, 7, 72), None);
+        assert_eq!(parse_diag_rmem(&m[..10], 2, 72), None);
+    }
+
+    /// The kernel's own answer for a real socket: what waits, and what the
+    /// owner has read.
+    #[test]
+    fn asks_the_kernel_about_a_real_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut receiver, _) = listener.accept().unwrap();
+        sender.write_all(&[7u8; 10_000]).unwrap();
+        let mut got = [0u8; 4_000];
+        receiver.read_exact(&mut got).unwrap();
+        let (SocketAddr::V4(local), SocketAddr::V4(remote)) = (
+            receiver.local_addr().unwrap(),
+            receiver.peer_addr().unwrap(),
+        ) else {
+            panic!("IPv4 loopback");
+        };
+        let mut m = peer_rmem(local, remote).unwrap().expect("the socket");
+        for _ in 0..100 {
+            if m.tcp_read == Some(4_000) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            m = peer_rmem(local, remote).unwrap().expect("the socket");
+        }
+        assert_eq!(m.tcp_read, Some(4_000), "{m:?}");
+        assert!(m.queued > 0 && m.buffer > 0 && m.cookie != 0, "{m:?}");
+        receiver.read_exact(&mut [0u8; 6_000]).unwrap();
+        let m = peer_rmem(local, remote).unwrap().expect("the socket");
+        assert_eq!(m.tcp_read, Some(10_000), "{m:?}");
+        assert_eq!(m.queued, 0, "{m:?}");
+        drop(receiver);
+        drop(sender);
     }
 }

@@ -162,12 +162,9 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
     while let Some(chunk) = rx.data().await {
         let chunk = chunk.map_err(|e| Side::Peer(e.to_string()))?;
         let n = chunk.len();
-        if let Some(g) = &guard {
-            g.before_write();
-        }
         write.write_all(&chunk).await.map_err(Side::Local)?;
         if let Some(g) = &mut guard {
-            g.after_write(n);
+            g.after_write(n).await;
         }
         counters.received.fetch_add(n as u64, Ordering::Relaxed);
         let _ = rx.flow_control().release_capacity(n);
@@ -257,14 +254,11 @@ async fn quic_to_socket<W: AsyncWrite + Unpin>(
             Ok(Some(n)) => {
                 let got = &mut chunks[..n];
                 let len: usize = got.iter().map(Bytes::len).sum();
-                if let Some(g) = &guard {
-                    g.before_write();
-                }
                 write_all_chunks(&mut write, got)
                     .await
                     .map_err(Side::Local)?;
                 if let Some(g) = &mut guard {
-                    g.after_write(len);
+                    g.after_write(len).await;
                 }
                 counters.received.fetch_add(len as u64, Ordering::Relaxed);
             }
@@ -325,10 +319,19 @@ async fn splice_quic(
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let (reading, writing) = guard.map(|g| (g.reading, g.writing)).unzip();
+        let (reading, writing, retiring) = match guard {
+            Some(g) => (Some(g.reading), Some(g.writing), Some(g.retiring)),
+            None => (None, None, None),
+        };
         let up = socket_to_quic(read, &mut tx, &counters, reading);
         let down = quic_to_socket(rx, write, &counters, writing);
-        tokio::pin!(up, down);
+        let retire = async move {
+            match retiring {
+                Some(r) => r.run().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(up, down, retire);
         let mut up_done = false;
         let mut down_done = false;
         let mut failure = None;
@@ -342,6 +345,7 @@ async fn splice_quic(
                     down_done = true;
                     if let Err(e) = r { failure = Some(e); break; }
                 }
+                () = &mut retire => {}
             }
         }
         failure
@@ -371,10 +375,19 @@ async fn splice_h2(
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let (reading, writing) = guard.map(|g| (g.reading, g.writing)).unzip();
+        let (reading, writing, retiring) = match guard {
+            Some(g) => (Some(g.reading), Some(g.writing), Some(g.retiring)),
+            None => (None, None, None),
+        };
         let up = socket_to_h2(read, &mut tx, &counters, reading);
         let down = h2_to_socket(rx, write, &counters, writing);
-        tokio::pin!(up, down);
+        let retire = async move {
+            match retiring {
+                Some(r) => r.run().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(up, down, retire);
         let mut up_done = false;
         let mut down_done = false;
         let mut failure = None;
@@ -388,6 +401,7 @@ async fn splice_h2(
                     down_done = true;
                     if let Err(e) = r { failure = Some(e); break; }
                 }
+                () = &mut retire => {}
             }
         }
         failure
