@@ -167,11 +167,9 @@ pub struct ProxySection {
     /// sockmap, `meshd/src/sockmap`): "off" (the default) keeps loopback
     /// TCP; "auto" uses it when the kernel and meshd's privileges allow and
     /// says why not otherwise; "on" makes a failure to set it up an error.
-    /// Off by default: it carried 36-43% more requests/s on 32 connections
-    /// here but one bulk stream 22-26% slower (docs/BENCHMARKS.md), and
-    /// needs CAP_BPF, which meshd.service does not grant unless told to.
-    /// Experimental: a connection whose direction goes back to TCP while
-    /// redirected bytes wait can stall (`meshd/src/sockmap`, Limits).
+    /// Off by default: it needs CAP_BPF, which meshd.service does not grant
+    /// unless told to, and it is experimental (`meshd/src/sockmap`, Limits;
+    /// figures in docs/BENCHMARKS.md).
     pub sockmap: SockmapMode,
 }
 

@@ -56,11 +56,18 @@
 //!   the default, does not try.
 //! * A bulk transfer goes back to TCP after its first few large writes:
 //!   measured here, TCP carried one stream faster than redirection did.
-//! * Experimental, for a known issue: when a guard sends a direction back
-//!   to TCP while redirected bytes wait in the receiving socket, those
-//!   bytes shrink its TCP window, reading them does not make the kernel
-//!   announce the window again, and the sender waits for its zero-window
-//!   probe timer (docs/ARCHITECTURE.md, "Socket redirection").
+//!   meshd's own socket stays in its sockhash for the connection's life
+//!   (leaving it would drop what the app may still be redirecting into it),
+//!   so its writes keep the `sk_msg` step; the app's socket leaves
+//!   ([`Retire`]).
+//! * Experimental: it leans on kernel behaviour that has changed between
+//!   releases (redirected bytes are charged to the receiver's receive
+//!   memory, and so shrink its TCP window, since 6.x; the sockmap read path
+//!   neither announces the window again nor waits out a wake-up without
+//!   data, so a blocking `recv` can return EAGAIN). The guards keep windows
+//!   open and take app sockets out once a guard trips; before that, a
+//!   blocking reader thread beside a writer thread that fills the send
+//!   buffer can still see that EAGAIN.
 //! * When meshd exits, its sockhashes go, and with them any bytes meshd had
 //!   redirected that an app had not yet read; the connections themselves
 //!   end with meshd anyway.
