@@ -411,13 +411,14 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
             out.push_str(&format!("sockmap:     {}", s("/sockmap/state")));
             if v.pointer("/sockmap/connections/clientRedirected").is_some() {
                 out.push_str(&format!(
-                    " (redirected: {} client, {} server; TCP: {} client, {} server; moved back to TCP: {}, of which plain TCP sockets again: {})",
+                    " (redirected: {} client, {} server; TCP: {} client, {} server; moved back to TCP: {}, of which plain TCP sockets again: {} app's, {} meshd's)",
                     s("/sockmap/connections/clientRedirected"),
                     s("/sockmap/connections/serverRedirected"),
                     s("/sockmap/connections/clientTcp"),
                     s("/sockmap/connections/serverTcp"),
                     s("/sockmap/connections/fellBack"),
-                    s("/sockmap/connections/takenOut")
+                    s("/sockmap/connections/takenOut"),
+                    s("/sockmap/connections/meshdOut")
                 ));
             }
             out.push('\n');

@@ -6,7 +6,8 @@
 //!
 //! The two streaming checks go through the guards (meshd/src/sockmap,
 //! `Guard`): a stream both ways, which goes back to TCP and takes the app
-//! sockets out of their sockhashes, and an app that writes without ever
+//! sockets out of their sockhashes; one that lasts long enough for meshd's
+//! sockets to leave theirs too; and an app that writes without ever
 //! reading. Before the guards kept receivers' queues under a quarter of
 //! their buffers, a direction sent back to TCP could wait on a zero TCP
 //! window for the sender's probe timer (seconds), and before app sockets
@@ -64,8 +65,10 @@ while True:
 /// sizes while reading the echo, plus a ping-pong of small messages; any
 /// byte out of place fails. Prints one line per connection.
 const CHECK: &str = r#"
-import hashlib, random, socket, sys, threading
+import hashlib, random, socket, sys, threading, time
 vip, conns, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# Spread each stream over at least this many seconds (0: as fast as it goes).
+secs = float(sys.argv[4]) if len(sys.argv) > 4 else 0
 failures = []
 def one(i):
     rnd = random.Random(i)
@@ -98,7 +101,10 @@ def one(i):
     t = threading.Thread(target=reader)
     t.start()
     left = total
+    t0 = time.time()
     while left > 0:
+        while secs and total - left > total * (time.time() - t0) / secs:
+            time.sleep(0.005)
         n = min(left, rnd.choice([1, 7, 100, 1500, 16384, 65536, 200000]))
         chunk = rnd.randbytes(n)
         sent.update(chunk)
@@ -268,6 +274,35 @@ fn streams_both_ways_arrive_whole_and_in_order() {
         let s = sockmap_status(&m, host);
         assert!(count(&s, "fellBack") >= 1, "host {host}: {s}");
         assert!(count(&s, "takenOut") >= 1, "host {host}: {s}");
+    }
+}
+
+/// A stream both ways that lasts past [`Retire::GRACE`] after going back
+/// to TCP, so meshd's sockets leave their sockhashes too, in the middle of
+/// it: every byte still arrives, in order.
+///
+/// [`Retire::GRACE`]: hostmesh_meshd::sockmap::Retire::GRACE
+#[test]
+fn streams_keep_their_bytes_when_meshd_sockets_leave_their_sockhashes() {
+    let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
+    let check = script(&m, "check.py", CHECK);
+    let secs = hostmesh_meshd::sockmap::Retire::GRACE.as_secs() + 3;
+    let out = m
+        .lab
+        .sh(CLIENT, &format!("python3 {check} {vip} 4 24000000 {secs}"));
+    assert!(
+        out.status.success(),
+        "{}{}\n==== echo server\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        m.apps[0].log(),
+        m.logs()
+    );
+    for host in [CLIENT, SERVER] {
+        let s = sockmap_status(&m, host);
+        assert!(count(&s, "fellBack") >= 1, "host {host}: {s}");
+        assert!(count(&s, "takenOut") >= 1, "host {host}: {s}");
+        assert!(count(&s, "meshdOut") >= 1, "host {host}: {s}");
     }
 }
 

@@ -70,7 +70,7 @@ impl prometheus_client::collector::Collector for SockmapCollector {
         };
         let mut family = encoder.encode_descriptor(
             "sockmap_connections",
-            "Connections between an app and meshd on this host, by pair (client: app to meshd's outbound port; server: meshd to the app) and path (redirect: bytes into meshd skip loopback TCP; tcp: the connecting side sent before the other end was accepted, so TCP for the connection's lifetime; fell_back: moved back to TCP by a guard; taken_out: of those, app sockets then taken out of their sockhash, plain TCP sockets again)",
+            "Connections between an app and meshd on this host, by pair (client: app to meshd's outbound port; server: meshd to the app) and path (redirect: bytes into meshd skip loopback TCP; tcp: the connecting side sent before the other end was accepted, so TCP for the connection's lifetime; fell_back: moved back to TCP by a guard; taken_out: of those, app sockets then taken out of their sockhash, plain TCP sockets again; meshd_out: and meshd's sockets after them)",
             None,
             prometheus_client::metrics::MetricType::Counter,
         )?;
@@ -81,6 +81,7 @@ impl prometheus_client::collector::Collector for SockmapCollector {
             ("server", "tcp", c.server_tcp),
             ("any", "fell_back", c.fell_back),
             ("any", "taken_out", c.taken_out),
+            ("any", "meshd_out", c.meshd_out),
         ] {
             let labels = [("pair", pair), ("path", path)];
             let metric = family.encode_family(&labels)?;
@@ -294,6 +295,7 @@ fn sockmap_json(status: &crate::app::SockmapStatus) -> Value {
             "serverTcp": c.server_tcp,
             "fellBack": c.fell_back,
             "takenOut": c.taken_out,
+            "meshdOut": c.meshd_out,
         })),
     })
 }

@@ -150,6 +150,8 @@ pub struct Counters {
     pub fell_back: u64,
     /// App sockets taken out of their sockhash after that ([`Retire`]).
     pub taken_out: u64,
+    /// meshd's sockets taken out of theirs after the app's ([`Retire`]).
+    pub meshd_out: u64,
 }
 
 /// Redirection in place; dropping it detaches the programs and frees the
@@ -167,6 +169,7 @@ pub struct Accel {
     cgroup: PathBuf,
     fell_back: AtomicU64,
     taken_out: AtomicU64,
+    meshd_out: AtomicU64,
 }
 
 impl std::fmt::Debug for Accel {
@@ -275,6 +278,7 @@ impl Accel {
             cgroup,
             fell_back: AtomicU64::new(0),
             taken_out: AtomicU64::new(0),
+            meshd_out: AtomicU64::new(0),
         })
     }
 
@@ -318,6 +322,7 @@ impl Accel {
             server_tcp: read(programs::counter_index(Role::Upstream, false))?,
             fell_back: self.fell_back.load(Ordering::Relaxed),
             taken_out: self.taken_out.load(Ordering::Relaxed),
+            meshd_out: self.meshd_out.load(Ordering::Relaxed),
         })
     }
 
@@ -356,6 +361,10 @@ impl Accel {
     ) -> Guard {
         let shared = Arc::new(Shared::default());
         let (app_role, key) = app_sends;
+        let own_socket = match (socket.local_addr(), socket.peer_addr()) {
+            (Ok(SocketAddr::V4(mine)), Ok(SocketAddr::V4(app))) => Some((mine, app)),
+            _ => None,
+        };
         Guard {
             reading: ReadGuard {
                 accel: self.clone(),
@@ -380,6 +389,7 @@ impl Accel {
                 key,
                 meshd_sends,
                 app_socket,
+                own_socket,
                 shared,
             },
         }
@@ -620,17 +630,35 @@ impl WriteGuard {
     }
 }
 
-/// Once a guard has tripped: both directions by TCP, and the app's socket
-/// out of its sockhash when that is safe.
+/// Once a guard has tripped: both directions by TCP, and the app's socket,
+/// then meshd's, out of their sockhashes when that is safe.
 ///
-/// Leaving a sockhash drops a socket's queue of redirected bytes, so the
-/// app's socket leaves only once that queue is empty for good: both
-/// directions are on TCP first (nothing new is redirected into it: only
-/// meshd's writes were, and they run on this connection's task, between
-/// whose steps the switch is made), and then either nothing at all waits
-/// in it or the app has read bytes TCP brought, which the kernel gives it
-/// only once the redirected ones are read. Its key must still be its own
-/// (the sockhash answers the cookie of the socket under a key).
+/// Leaving a sockhash drops a socket's queue of redirected bytes, so a
+/// socket leaves only once that queue is empty for good. The app's socket
+/// goes first: both directions are on TCP (nothing new is redirected into
+/// it: only meshd's writes were, and they run on this connection's task,
+/// between whose steps the switch is made), and then either nothing at all
+/// waits in it or the app has read bytes TCP brought, which the kernel
+/// gives it only once the redirected ones are read.
+///
+/// meshd's socket follows (or goes alone, when the app's socket was never
+/// in a sockhash: an IPv6 one, such as a server's listening on `::`), so
+/// its writes to the app skip the `sk_msg` step
+/// (a program run and a copy into a scatterlist on every write, the cost
+/// of a bulk stream). What was redirected into it came from the app's
+/// writes, in the app's own `sendmsg`: one whose program ran before the
+/// switch can still be on its way, between the program's verdict and the
+/// kernel queueing the message on meshd's socket (no sleep between them
+/// but for meshd's socket lock, held only for meshd's own calls). So
+/// meshd's socket waits [`Retire::GRACE`] after the switch, with the app's
+/// socket out of its sockhash (its writes no longer run the program), and
+/// then until its own redirected queue is empty: nothing waits in it, or
+/// meshd has read bytes TCP brought since. A write from the app held inside
+/// the kernel for longer than the grace would be lost; that is what keeps
+/// socket redirection experimental (docs/ARCHITECTURE.md).
+///
+/// Either socket's key must still be its own (the sockhash answers the
+/// cookie of the socket under a key).
 #[derive(Debug)]
 pub struct Retire {
     accel: Arc<Accel>,
@@ -639,12 +667,17 @@ pub struct Retire {
     key: PairKey,
     meshd_sends: Role,
     app_socket: (SocketAddrV4, SocketAddrV4),
+    /// meshd's socket (same key, the `meshd_sends` sockhash): local, remote.
+    own_socket: Option<(SocketAddrV4, SocketAddrV4)>,
     shared: Arc<Shared>,
 }
 
 impl Retire {
-    /// How long to wait for the app to read what was redirected to it.
+    /// How long to wait for a reader to read what was redirected to it.
     pub const WAIT_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+    /// How long meshd's socket stays in its sockhash after the app's
+    /// writes went back to TCP.
+    pub const GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
     /// Never returns; dropped with the connection.
     pub async fn run(self) {
@@ -653,43 +686,80 @@ impl Retire {
             .set_pass(&self.key.state(self.role), "both directions by TCP");
         self.accel
             .set_pass(&self.key.state(self.meshd_sends), "both directions by TCP");
-        self.take_out().await;
+        let switched = tokio::time::Instant::now();
+        // An app socket sock_diag does not find (IPv4) was never in a
+        // sockhash (an IPv6 socket, such as a server's listening on `::`,
+        // whatever its peer's address) or has closed: meshd's may follow.
+        if self.take_out(self.role, self.app_socket, None).await != Some(false)
+            && let Some(own) = self.own_socket
+        {
+            tokio::time::sleep_until(switched + Self::GRACE).await;
+            // What meshd had read from TCP when the grace ended: reading
+            // more than that means its redirected queue was empty.
+            let since = sys::peer_rmem(own.0, own.1)
+                .ok()
+                .flatten()
+                .and_then(|m| m.tcp_read);
+            self.take_out(self.meshd_sends, own, Some(since.unwrap_or(u64::MAX)))
+                .await;
+        }
         std::future::pending::<()>().await;
     }
 
-    async fn take_out(&self) {
+    /// Takes the socket `addrs` (local, remote) of `role` out of its
+    /// sockhash once nothing redirected waits in it: its queue is empty, or
+    /// its reader has read more than `read_before` bytes from TCP. Whether
+    /// it did; `None` if there is no such IPv4 socket.
+    async fn take_out(
+        &self,
+        role: Role,
+        addrs: (SocketAddrV4, SocketAddrV4),
+        read_before: Option<u64>,
+    ) -> Option<bool> {
         let started = std::time::Instant::now();
         let mut pause = std::time::Duration::from_millis(1);
         loop {
-            let m = match sys::peer_rmem(self.app_socket.0, self.app_socket.1) {
+            let m = match sys::peer_rmem(addrs.0, addrs.1) {
                 Ok(Some(m)) => m,
-                Ok(None) => return,
+                Ok(None) => return None,
                 Err(e) => {
                     tracing::debug!(error = %e, "sock_diag");
-                    return;
+                    return Some(false);
                 }
             };
-            if m.queued == 0 || m.tcp_read.is_some_and(|r| r > 0) {
-                let socks = &self.accel.socks[self.role as usize];
+            let read_tcp = m.tcp_read.is_some_and(|r| r > read_before.unwrap_or(0));
+            if m.queued == 0 || read_tcp {
+                let socks = &self.accel.socks[role as usize];
                 let mut cookie = [0u8; 8];
-                match sys::map_lookup(socks, &self.key.0, &mut cookie, "a sockhash") {
-                    Ok(true) if u64::from_ne_bytes(cookie) == m.cookie => {
-                        match sys::map_delete(socks, &self.key.0, "a sockhash") {
-                            Ok(()) => {
-                                self.accel.taken_out.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                tracing::debug!(error = %e, "taking an app socket out of its sockhash")
+                return Some(
+                    match sys::map_lookup(socks, &self.key.0, &mut cookie, "a sockhash") {
+                        Ok(true) if u64::from_ne_bytes(cookie) == m.cookie => {
+                            match sys::map_delete(socks, &self.key.0, "a sockhash") {
+                                Ok(()) => {
+                                    let n = if role == self.role {
+                                        &self.accel.taken_out
+                                    } else {
+                                        &self.accel.meshd_out
+                                    };
+                                    n.fetch_add(1, Ordering::Relaxed);
+                                    true
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, role = role_name(role), "taking a socket out of its sockhash");
+                                    false
+                                }
                             }
                         }
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!(error = %e, "looking up an app socket"),
-                }
-                return;
+                        Ok(_) => false,
+                        Err(e) => {
+                            tracing::debug!(error = %e, role = role_name(role), "looking up a socket");
+                            false
+                        }
+                    },
+                );
             }
             if started.elapsed() >= Self::WAIT_FOR {
-                return;
+                return Some(false);
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_millis(64));
