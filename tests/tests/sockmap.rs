@@ -257,24 +257,7 @@ fn requests_and_answers_arrive_byte_for_byte_by_redirect() {
 /// sockets leave their sockhashes.
 #[test]
 fn streams_both_ways_arrive_whole_and_in_order() {
-    let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
-    let check = script(&m, "check.py", CHECK);
-    let out = m
-        .lab
-        .sh(CLIENT, &format!("python3 {check} {vip} 8 8000000"));
-    assert!(
-        out.status.success(),
-        "{}{}\n==== echo server\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        m.apps[0].log(),
-        m.logs()
-    );
-    for host in [CLIENT, SERVER] {
-        let s = sockmap_status(&m, host);
-        assert!(count(&s, "fellBack") >= 1, "host {host}: {s}");
-        assert!(count(&s, "takenOut") >= 1, "host {host}: {s}");
-    }
+    stream_both_ways("8 8000000", &["fellBack", "takenOut"]);
 }
 
 /// A stream both ways that lasts past [`Retire::GRACE`] after going back
@@ -284,12 +267,19 @@ fn streams_both_ways_arrive_whole_and_in_order() {
 /// [`Retire::GRACE`]: hostmesh_meshd::sockmap::Retire::GRACE
 #[test]
 fn streams_keep_their_bytes_when_meshd_sockets_leave_their_sockhashes() {
+    let secs = hostmesh_meshd::sockmap::Retire::GRACE.as_secs() + 3;
+    stream_both_ways(
+        &format!("4 24000000 {secs}"),
+        &["fellBack", "takenOut", "meshdOut"],
+    );
+}
+
+/// Runs CHECK with `args` (connections, bytes, seconds) from the client
+/// and then wants each of `counters` at least 1 on both hosts.
+fn stream_both_ways(args: &str, counters: &[&str]) {
     let (m, vip) = lab("[proxy]\nsockmap = \"on\"\n");
     let check = script(&m, "check.py", CHECK);
-    let secs = hostmesh_meshd::sockmap::Retire::GRACE.as_secs() + 3;
-    let out = m
-        .lab
-        .sh(CLIENT, &format!("python3 {check} {vip} 4 24000000 {secs}"));
+    let out = m.lab.sh(CLIENT, &format!("python3 {check} {vip} {args}"));
     assert!(
         out.status.success(),
         "{}{}\n==== echo server\n{}\n{}",
@@ -300,9 +290,9 @@ fn streams_keep_their_bytes_when_meshd_sockets_leave_their_sockhashes() {
     );
     for host in [CLIENT, SERVER] {
         let s = sockmap_status(&m, host);
-        assert!(count(&s, "fellBack") >= 1, "host {host}: {s}");
-        assert!(count(&s, "takenOut") >= 1, "host {host}: {s}");
-        assert!(count(&s, "meshdOut") >= 1, "host {host}: {s}");
+        for c in counters {
+            assert!(count(&s, c) >= 1, "host {host}: {c}: {s}");
+        }
     }
 }
 

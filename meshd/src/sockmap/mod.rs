@@ -641,9 +641,10 @@ impl WriteGuard {
 /// waits in it or the app has read bytes TCP brought, which the kernel
 /// gives it only once the redirected ones are read.
 ///
-/// meshd's socket follows (or goes alone, when the app's socket was never
-/// in a sockhash: an IPv6 one, such as a server's listening on `::`), so
-/// its writes to the app skip the `sk_msg` step
+/// meshd's socket follows (or goes alone and at once, when the app's
+/// socket is an IPv6 one, as a server listening on `::` accepts, which the
+/// programs never redirect from), so its writes to the app skip the
+/// `sk_msg` step
 /// (a program run and a copy into a scatterlist on every write, the cost
 /// of a bulk stream). What was redirected into it came from the app's
 /// writes, in the app's own `sendmsg`: one whose program ran before the
@@ -687,13 +688,21 @@ impl Retire {
         self.accel
             .set_pass(&self.key.state(self.meshd_sends), "both directions by TCP");
         let switched = tokio::time::Instant::now();
-        // An app socket sock_diag does not find (IPv4) was never in a
-        // sockhash (an IPv6 socket, such as a server's listening on `::`,
-        // whatever its peer's address) or has closed: meshd's may follow.
-        if self.take_out(self.role, self.app_socket, None).await != Some(false)
+        let wait = match self.take_out(self.role, self.app_socket, None).await {
+            // Its writes ran the programs until now: one may still be on
+            // its way into meshd's socket.
+            Out::Taken => Self::GRACE,
+            // Never in a sockhash (IPv6, as a server listening on `::`
+            // accepts): nothing it wrote was ever redirected.
+            Out::NotThere { ipv6: true } => std::time::Duration::ZERO,
+            // Closed, or out already: as if just taken out.
+            Out::NotThere { ipv6: false } => Self::GRACE,
+            Out::Stayed => std::time::Duration::MAX,
+        };
+        if wait != std::time::Duration::MAX
             && let Some(own) = self.own_socket
         {
-            tokio::time::sleep_until(switched + Self::GRACE).await;
+            tokio::time::sleep_until(switched + wait).await;
             // What meshd had read from TCP when the grace ended: reading
             // more than that means its redirected queue was empty.
             let since = sys::peer_rmem(own.0, own.1)
@@ -708,63 +717,78 @@ impl Retire {
 
     /// Takes the socket `addrs` (local, remote) of `role` out of its
     /// sockhash once nothing redirected waits in it: its queue is empty, or
-    /// its reader has read more than `read_before` bytes from TCP. Whether
-    /// it did; `None` if there is no such IPv4 socket.
+    /// its reader has read more than `read_before` bytes from TCP.
     async fn take_out(
         &self,
         role: Role,
         addrs: (SocketAddrV4, SocketAddrV4),
         read_before: Option<u64>,
-    ) -> Option<bool> {
+    ) -> Out {
         let started = std::time::Instant::now();
         let mut pause = std::time::Duration::from_millis(1);
         loop {
             let m = match sys::peer_rmem(addrs.0, addrs.1) {
                 Ok(Some(m)) => m,
-                Ok(None) => return None,
+                Ok(None) => return Out::NotThere { ipv6: false },
                 Err(e) => {
                     tracing::debug!(error = %e, "sock_diag");
-                    return Some(false);
+                    return Out::Stayed;
                 }
             };
             let read_tcp = m.tcp_read.is_some_and(|r| r > read_before.unwrap_or(0));
             if m.queued == 0 || read_tcp {
                 let socks = &self.accel.socks[role as usize];
                 let mut cookie = [0u8; 8];
-                return Some(
-                    match sys::map_lookup(socks, &self.key.0, &mut cookie, "a sockhash") {
-                        Ok(true) if u64::from_ne_bytes(cookie) == m.cookie => {
-                            match sys::map_delete(socks, &self.key.0, "a sockhash") {
-                                Ok(()) => {
-                                    let n = if role == self.role {
-                                        &self.accel.taken_out
-                                    } else {
-                                        &self.accel.meshd_out
-                                    };
-                                    n.fetch_add(1, Ordering::Relaxed);
-                                    true
-                                }
-                                Err(e) => {
-                                    tracing::debug!(error = %e, role = role_name(role), "taking a socket out of its sockhash");
-                                    false
-                                }
+                let out = match sys::map_lookup(socks, &self.key.0, &mut cookie, "a sockhash") {
+                    Ok(true) if u64::from_ne_bytes(cookie) == m.cookie => {
+                        match sys::map_delete(socks, &self.key.0, "a sockhash") {
+                            Ok(()) => {
+                                let n = if role == self.role {
+                                    &self.accel.taken_out
+                                } else {
+                                    &self.accel.meshd_out
+                                };
+                                n.fetch_add(1, Ordering::Relaxed);
+                                Out::Taken
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, role = role_name(role), "taking a socket out of its sockhash");
+                                Out::Stayed
                             }
                         }
-                        Ok(_) => false,
-                        Err(e) => {
-                            tracing::debug!(error = %e, role = role_name(role), "looking up a socket");
-                            false
-                        }
-                    },
-                );
+                    }
+                    // Another socket under its key.
+                    Ok(true) => Out::Stayed,
+                    // Not in its sockhash.
+                    Ok(false) => Out::NotThere { ipv6: m.ipv6 },
+                    Err(e) => {
+                        tracing::debug!(error = %e, role = role_name(role), "looking up a socket");
+                        Out::Stayed
+                    }
+                };
+                return out;
             }
             if started.elapsed() >= Self::WAIT_FOR {
-                return Some(false);
+                return Out::Stayed;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_millis(64));
         }
     }
+}
+
+/// What became of a socket [`Retire`] wanted out of its sockhash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Out {
+    Taken,
+    /// Still in (its queue did not empty in time, or its key holds another
+    /// socket, or the kernel would not say).
+    Stayed,
+    /// Not in its sockhash: closed (sock_diag does not find it), or found
+    /// but not there; `ipv6` if it is an IPv6 socket, which never is.
+    NotThere {
+        ipv6: bool,
+    },
 }
 
 /// A sockhash key, as `programs.rs` builds it: an address (network

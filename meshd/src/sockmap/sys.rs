@@ -290,6 +290,10 @@ pub(super) struct Rmem {
     /// The socket's cookie (what a sockhash lookup answers); only from
     /// sock_diag, else 0.
     pub cookie: u64,
+    /// An IPv6 socket (sock_diag's IPv4 lookup finds one whose addresses
+    /// are IPv4-mapped: a connection accepted on `::`); only from
+    /// sock_diag.
+    pub ipv6: bool,
 }
 
 /// [`Rmem`] of one of meshd's own sockets (`SO_MEMINFO`).
@@ -316,6 +320,7 @@ pub(super) fn rmem(fd: std::os::fd::RawFd) -> std::io::Result<Rmem> {
             buffer: v[1],
             tcp_read: None,
             cookie: 0,
+            ipv6: false,
         })
     }
 }
@@ -443,6 +448,7 @@ fn parse_diag_rmem(msg: &[u8], nlmsg_error: u16, msg_len: usize) -> Option<Rmem>
         buffer,
         tcp_read: received.map(|r| r.saturating_sub(u64::from(rqueue))),
         cookie,
+        ipv6: msg[16] == libc::AF_INET6 as u8,
     })
 }
 
@@ -473,8 +479,15 @@ mod tests {
             buffer: 131_072,
             tcp_read: None,
             cookie: 0,
+            ipv6: false,
         };
         assert_eq!(parse_diag_rmem(&m, 2, 72), Some(want));
+        let mut v6 = m.clone();
+        v6[16] = libc::AF_INET6 as u8;
+        assert_eq!(
+            parse_diag_rmem(&v6, 2, 72),
+            Some(Rmem { ipv6: true, ..want })
+        );
         // With tcp_info: bytes received 1,000, of which 300 wait.
         let mut info = vec![0u8; 4 + 232];
         let info_len = info.len() as u16;
@@ -529,7 +542,26 @@ mod tests {
         let m = peer_rmem(local, remote).unwrap().expect("the socket");
         assert_eq!(m.tcp_read, Some(10_000), "{m:?}");
         assert_eq!(m.queued, 0, "{m:?}");
+        assert!(!m.ipv6, "{m:?}");
         drop(receiver);
         drop(sender);
+    }
+
+    /// A connection from an IPv4 address accepted on `::` is an IPv6
+    /// socket that the IPv4 lookup finds (what a server listening on `::`
+    /// has; the programs never put one in a sockhash).
+    #[test]
+    fn finds_an_ipv4_mapped_socket_and_says_it_is_ipv6() {
+        let listener = TcpListener::bind("[::]:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sender = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (receiver, _) = listener.accept().unwrap();
+        let SocketAddr::V4(remote) = sender.local_addr().unwrap() else {
+            panic!("IPv4 loopback");
+        };
+        let local = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port);
+        let m = peer_rmem(local, remote).unwrap().expect("the socket");
+        assert!(m.ipv6, "{m:?}");
+        drop(receiver);
     }
 }
