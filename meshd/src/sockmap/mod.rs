@@ -56,10 +56,9 @@
 //!   the default, does not try.
 //! * A bulk transfer goes back to TCP after its first few large writes:
 //!   measured here, TCP carried one stream faster than redirection did.
-//!   meshd's own socket stays in its sockhash for the connection's life
-//!   (leaving it would drop what the app may still be redirecting into it),
-//!   so its writes keep the `sk_msg` step; the app's socket leaves
-//!   ([`Retire`]).
+//!   Both sockets then leave their sockhashes ([`Retire`]): the app's once
+//!   nothing redirected waits in it, meshd's [`Retire::GRACE`] later (an
+//!   app write already on its way into it would otherwise be dropped).
 //! * Experimental: it leans on kernel behaviour that has changed between
 //!   releases (redirected bytes are charged to the receiver's receive
 //!   memory, and so shrink its TCP window, since 6.x; the sockmap read path
@@ -462,6 +461,31 @@ pub struct Guard {
     pub retiring: Retire,
 }
 
+impl Guard {
+    /// A connection's guards for its two directions, and the future that
+    /// retires its sockets ([`Retire::run`]; pending for ever without a
+    /// guard), to run beside them.
+    pub fn split(
+        guard: Option<Guard>,
+    ) -> (
+        Option<ReadGuard>,
+        Option<WriteGuard>,
+        impl std::future::Future<Output = ()>,
+    ) {
+        let (reading, writing, retiring) = match guard {
+            Some(g) => (Some(g.reading), Some(g.writing), Some(g.retiring)),
+            None => (None, None, None),
+        };
+        let retire = async move {
+            match retiring {
+                Some(r) => r.run().await,
+                None => std::future::pending().await,
+            }
+        };
+        (reading, writing, retire)
+    }
+}
+
 /// What the three parts of a [`Guard`] share.
 #[derive(Debug, Default)]
 struct Shared {
@@ -644,9 +668,8 @@ impl WriteGuard {
 /// meshd's socket follows (or goes alone and at once, when the app's
 /// socket is an IPv6 one, as a server listening on `::` accepts, which the
 /// programs never redirect from), so its writes to the app skip the
-/// `sk_msg` step
-/// (a program run and a copy into a scatterlist on every write, the cost
-/// of a bulk stream). What was redirected into it came from the app's
+/// `sk_msg` step (a program run and a copy into a scatterlist on every
+/// write, the cost of a bulk stream). What was redirected into it came from the app's
 /// writes, in the app's own `sendmsg`: one whose program ran before the
 /// switch can still be on its way, between the program's verdict and the
 /// kernel queueing the message on meshd's socket (no sleep between them

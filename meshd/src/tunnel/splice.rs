@@ -319,18 +319,9 @@ async fn splice_quic(
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let (reading, writing, retiring) = match guard {
-            Some(g) => (Some(g.reading), Some(g.writing), Some(g.retiring)),
-            None => (None, None, None),
-        };
+        let (reading, writing, retire) = Guard::split(guard);
         let up = socket_to_quic(read, &mut tx, &counters, reading);
         let down = quic_to_socket(rx, write, &counters, writing);
-        let retire = async move {
-            match retiring {
-                Some(r) => r.run().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::pin!(up, down, retire);
         let mut up_done = false;
         let mut down_done = false;
@@ -375,18 +366,9 @@ async fn splice_h2(
 ) -> (SpliceEnd, Option<String>) {
     let (read, write) = socket.into_split();
     let failure: Option<Side> = {
-        let (reading, writing, retiring) = match guard {
-            Some(g) => (Some(g.reading), Some(g.writing), Some(g.retiring)),
-            None => (None, None, None),
-        };
+        let (reading, writing, retire) = Guard::split(guard);
         let up = socket_to_h2(read, &mut tx, &counters, reading);
         let down = h2_to_socket(rx, write, &counters, writing);
-        let retire = async move {
-            match retiring {
-                Some(r) => r.run().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::pin!(up, down, retire);
         let mut up_done = false;
         let mut down_done = false;
