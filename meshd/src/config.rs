@@ -164,11 +164,11 @@ pub struct ProxySection {
     /// the kernel offers (`net.ipv4.tcp_available_congestion_control`).
     pub tunnel_congestion: Option<String>,
     /// Socket redirection between apps and meshd on this host (eBPF
-    /// sockmap, `meshd/src/sockmap`): "off" (the default) keeps loopback
+    /// sockmap, `dataplane/src/sockmap`): "off" (the default) keeps loopback
     /// TCP; "auto" uses it when the kernel and meshd's privileges allow and
     /// says why not otherwise; "on" makes a failure to set it up an error.
     /// Off by default: it needs CAP_BPF, which meshd.service does not grant
-    /// unless told to, and it is experimental (`meshd/src/sockmap`, Limits;
+    /// unless told to, and it is experimental (`dataplane/src/sockmap`, Limits;
     /// figures in docs/BENCHMARKS.md).
     pub sockmap: SockmapMode,
 }

@@ -1,12 +1,13 @@
 //! hostmesh-meshd: the host daemon.
 //!
 //! `capture/` installs nftables rules that send local connections to mesh
-//! services to meshd; `proxy/` carries them (outbound: pick an endpoint;
-//! inbound: check and deliver); `tunnel/` is the mTLS transport between
-//! hosts; `dns/` answers mesh names; `control/` keeps the config stream
-//! with the controller; `mesh/` is the config in use; `identity/` holds and
-//! renews the host certificate and does `meshd join`; `admin/` serves
-//! /ready, /config, /status and /metrics; [`app`] wires it all.
+//! services to meshd; `dns/` answers mesh names; `control/` keeps the
+//! config stream with the controller; `identity::join` does `meshd join`;
+//! `admin/` serves /ready, /config, /status and /metrics; [`app`] wires it
+//! all. What runs per connection (`proxy/`, `tunnel/`, `sockmap/`, `mesh/`,
+//! `identity/`, `workers`, `drain`) is the crate hostmesh-dataplane,
+//! re-exported here under the same names; it is built for speed and this
+//! crate for size (the workspace's release profile).
 
 pub mod admin;
 pub mod app;
@@ -14,12 +15,8 @@ pub mod capture;
 pub mod config;
 pub mod control;
 pub mod dns;
-pub mod drain;
 pub mod health;
 pub mod identity;
 pub mod liveness;
-pub mod mesh;
-pub mod proxy;
-pub mod sockmap;
-pub mod tunnel;
-pub mod workers;
+
+pub use hostmesh_dataplane::{drain, mesh, proxy, sockmap, tunnel, workers};

@@ -1,10 +1,10 @@
-//! Socket redirection (meshd/src/sockmap) between apps and meshd, on real
+//! Socket redirection (dataplane/src/sockmap) between apps and meshd, on real
 //! network-namespace hosts with the real kernel programs: request and
 //! answer arrive byte for byte, redirection is really in use (the
 //! programs' counters), and `proxy.sockmap = "off"` (the default) keeps
 //! plain TCP.
 //!
-//! The two streaming checks go through the guards (meshd/src/sockmap,
+//! The two streaming checks go through the guards (dataplane/src/sockmap,
 //! `Guard`): a stream both ways, which goes back to TCP and takes the app
 //! sockets out of their sockhashes; one that lasts long enough for meshd's
 //! sockets to leave theirs too; and an app that writes without ever

@@ -26,16 +26,7 @@ use crate::mesh::{MeshHandle, MeshState};
 use crate::tunnel::hbone::Pool;
 use readiness::Readiness;
 
-/// Histogram bounds `start, 2·start, 4·start, …` (`count` of them).
-///
-/// prometheus-client's `exponential_buckets` computes each bound with
-/// `f64::powf`, the only libm function meshd would call: linking libm for
-/// it costs ~0.5 MiB of resident memory per process (glibc resolves libm's
-/// IFUNCs at load, touching most of its code). Doubling is exact in
-/// binary floating point, so the bounds are the same.
-pub fn doubling_buckets(start: f64, count: u16) -> impl Iterator<Item = f64> {
-    std::iter::successors(Some(start), |b| Some(b * 2.0)).take(usize::from(count))
-}
+pub use hostmesh_dataplane::doubling_buckets;
 
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -298,19 +289,4 @@ fn sockmap_json(status: &crate::app::SockmapStatus) -> Value {
             "meshdOut": c.meshd_out,
         })),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::doubling_buckets;
-
-    #[test]
-    fn doubling_buckets_double_from_start() {
-        let b: Vec<f64> = doubling_buckets(0.0005, 20).collect();
-        assert_eq!(b.len(), 20);
-        assert_eq!(b[0], 0.0005);
-        assert_eq!(b[1], 0.001);
-        assert_eq!(b[19], 0.0005 * 524_288.0);
-        assert_eq!(doubling_buckets(1.0, 0).count(), 0);
-    }
 }

@@ -66,7 +66,7 @@ impl ProxyMetrics {
             bytes_received: Family::default(),
             failures: Family::default(),
             duration: Family::new_with_constructor(|| {
-                Histogram::new(crate::admin::doubling_buckets(0.0005, 20))
+                Histogram::new(crate::doubling_buckets(0.0005, 20))
             }),
             handshake_failures: Counter::default(),
         };
