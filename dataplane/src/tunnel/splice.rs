@@ -159,17 +159,62 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
     counters: &Counters,
     mut guard: Option<WriteGuard>,
 ) -> Result<(), Side> {
-    while let Some(chunk) = rx.data().await {
-        let chunk = chunk.map_err(|e| Side::Peer(e.to_string()))?;
-        let n = chunk.len();
-        write.write_all(&chunk).await.map_err(Side::Local)?;
-        if let Some(g) = &mut guard {
-            g.after_write(n).await;
+    let mut chunks: [Bytes; CHUNKS] = Default::default();
+    loop {
+        let (n, end) = std::future::poll_fn(|cx| poll_h2_chunks(&mut rx, cx, &mut chunks)).await;
+        if n > 0 {
+            let got = &mut chunks[..n];
+            let len: usize = got.iter().map(Bytes::len).sum();
+            write_all_chunks(&mut write, got)
+                .await
+                .map_err(Side::Local)?;
+            if let Some(g) = &mut guard {
+                g.after_write(len).await;
+            }
+            counters.received.fetch_add(len as u64, Ordering::Relaxed);
+            let _ = rx.flow_control().release_capacity(len);
         }
-        counters.received.fetch_add(n as u64, Ordering::Relaxed);
-        let _ = rx.flow_control().release_capacity(n);
+        match end {
+            None => {}
+            Some(Ok(())) => return write.shutdown().await.map_err(Side::Local),
+            Some(Err(e)) => return Err(Side::Peer(e.to_string())),
+        }
     }
-    write.shutdown().await.map_err(Side::Local)
+}
+
+/// Bytes taken from h2 for one `writev`: a bound on the flow-control
+/// credit held back while they are written (one 48 KiB bulk frame and a
+/// few more).
+const H2_BATCH: usize = 192 * 1024;
+
+/// Waits for the stream's next DATA frame, then takes the ones already
+/// received behind it (up to [`CHUNKS`] frames or [`H2_BATCH`] bytes)
+/// without waiting, so that a response the server wrote in two parts (its
+/// head, then its body: two frames, read from the tunnel at once) goes to
+/// the app in one `writev`, not a `send` each. Returns how many chunks it
+/// took and, when the stream ended or failed behind them, how.
+fn poll_h2_chunks(
+    rx: &mut h2::RecvStream,
+    cx: &mut std::task::Context<'_>,
+    chunks: &mut [Bytes; CHUNKS],
+) -> std::task::Poll<(usize, Option<Result<(), h2::Error>>)> {
+    use std::task::Poll;
+    let mut n = 0;
+    let mut len = 0;
+    while n < chunks.len() && len < H2_BATCH {
+        match rx.poll_data(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                len += b.len();
+                chunks[n] = b;
+                n += 1;
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready((n, Some(Err(e)))),
+            Poll::Ready(None) => return Poll::Ready((n, Some(Ok(())))),
+            Poll::Pending if n == 0 => return Poll::Pending,
+            Poll::Pending => break,
+        }
+    }
+    Poll::Ready((n, None))
 }
 
 /// The two directions of a tunnel stream, on either transport.
@@ -237,10 +282,11 @@ async fn socket_to_quic<R: AsyncRead + Unpin>(
     }
 }
 
-/// Stream chunks taken from quinn at a time: each is one STREAM frame (at
-/// most a packet's payload, ~1.4 KB), so they go to the socket together in
-/// one `writev` rather than a `send` each.
-const QUIC_CHUNKS: usize = 32;
+/// Chunks taken from the tunnel stream at a time, to go to the socket
+/// together in one `writev` rather than a `send` each: over QUIC each is
+/// one STREAM frame (at most a packet's payload, ~1.4 KB), over HTTP/2 one
+/// DATA frame.
+const CHUNKS: usize = 32;
 
 async fn quic_to_socket<W: AsyncWrite + Unpin>(
     mut rx: quinn::RecvStream,
@@ -248,7 +294,7 @@ async fn quic_to_socket<W: AsyncWrite + Unpin>(
     counters: &Counters,
     mut guard: Option<WriteGuard>,
 ) -> Result<(), Side> {
-    let mut chunks: [Bytes; QUIC_CHUNKS] = Default::default();
+    let mut chunks: [Bytes; CHUNKS] = Default::default();
     loop {
         match rx.read_chunks(&mut chunks).await {
             Ok(Some(n)) => {
@@ -278,7 +324,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     let mut first = 0;
     while first < chunks.len() {
         let mut n = {
-            let mut slices = [std::io::IoSlice::new(&[]); QUIC_CHUNKS];
+            let mut slices = [std::io::IoSlice::new(&[]); CHUNKS];
             let mut k = 0;
             for c in chunks[first..].iter().filter(|c| !c.is_empty()) {
                 if k == slices.len() {
@@ -444,6 +490,91 @@ mod chunk_tests {
         assert!(chunks.iter().all(Bytes::is_empty));
         drop(a);
         assert_eq!(reader.await.expect("reader").expect("read"), want);
+    }
+
+    /// Records each write the app's socket would see.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+            let n = all.len();
+            self.0.push(all);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_already_received_go_to_the_socket_in_one_write() {
+        // A response its server wrote in two parts, head then body: two
+        // DATA frames, both received before meshd reads the stream.
+        let (c, s) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(s).await.expect("server handshake");
+            let (_req, mut respond) = conn.accept().await.expect("a request").expect("h2");
+            let mut tx = respond
+                .send_response(http::Response::new(()), false)
+                .expect("response");
+            tx.send_data(Bytes::from(vec![b'h'; 240]), false)
+                .expect("head");
+            tx.send_data(Bytes::from(vec![b'b'; 1024]), true)
+                .expect("body");
+            // Keep the connection going until the client is done.
+            while conn.accept().await.is_some() {}
+        });
+        let (mut client, conn) = h2::client::handshake(c).await.expect("client handshake");
+        tokio::spawn(conn);
+        let (response, _tx) = client
+            .send_request(http::Request::new(()), false)
+            .expect("request");
+        let mut rx = response.await.expect("response").into_body();
+        let want = 240 + 1024;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while rx.flow_control().used_capacity() < want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "both frames did not arrive"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let counters = Counters::default();
+        let mut writes = Writes::default();
+        assert!(h2_to_socket(rx, &mut writes, &counters, None).await.is_ok());
+        assert_eq!(writes.0.len(), 1, "one write for both frames");
+        let mut expected = vec![b'h'; 240];
+        expected.extend(vec![b'b'; 1024]);
+        assert_eq!(writes.0[0], expected);
+        assert_eq!(counters.received.load(Ordering::Relaxed), want as u64);
+        drop(client);
+        server.abort();
     }
 
     #[tokio::test]
