@@ -7,7 +7,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hostmesh_api::resource::Policy;
@@ -162,18 +161,7 @@ impl Inbound {
         let (end, error) = splice(app, halves, counters.clone(), redirect).await;
         active.dec();
         // From the app's side: "sent" is what went back to the caller.
-        let sent = counters.sent.load(Ordering::Relaxed);
-        let received = counters.received.load(Ordering::Relaxed);
-        self.metrics.closed.get_or_create(&labels).inc();
-        self.metrics.bytes_sent.get_or_create(&labels).inc_by(sent);
-        self.metrics
-            .bytes_received
-            .get_or_create(&labels)
-            .inc_by(received);
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        let (sent, received) = self.metrics.count_close(&labels, &counters, started);
         let me = state
             .me
             .as_ref()

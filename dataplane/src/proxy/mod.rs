@@ -57,6 +57,27 @@ pub struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
+    /// Counts a proxied connection that ended: its bytes each way (from
+    /// the splice's counters) and how long it lasted; returns the bytes
+    /// (sent, received) for the access log.
+    pub fn count_close(
+        &self,
+        labels: &ConnLabels,
+        counters: &crate::tunnel::splice::Counters,
+        started: std::time::Instant,
+    ) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        let sent = counters.sent.load(Ordering::Relaxed);
+        let received = counters.received.load(Ordering::Relaxed);
+        self.closed.get_or_create(labels).inc();
+        self.bytes_sent.get_or_create(labels).inc_by(sent);
+        self.bytes_received.get_or_create(labels).inc_by(received);
+        self.duration
+            .get_or_create(labels)
+            .observe(started.elapsed().as_secs_f64());
+        (sent, received)
+    }
+
     pub fn new(registry: &mut Registry) -> ProxyMetrics {
         let m = ProxyMetrics {
             opened: Family::default(),

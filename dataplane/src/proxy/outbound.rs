@@ -268,18 +268,7 @@ impl Outbound {
         let (end, error) = splice(socket, halves, counters.clone(), redirect).await;
         drop(guard);
         active.dec();
-        let sent = counters.sent.load(Ordering::Relaxed);
-        let received = counters.received.load(Ordering::Relaxed);
-        self.metrics.closed.get_or_create(&labels).inc();
-        self.metrics.bytes_sent.get_or_create(&labels).inc_by(sent);
-        self.metrics
-            .bytes_received
-            .get_or_create(&labels)
-            .inc_by(received);
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        let (sent, received) = self.metrics.count_close(&labels, &counters, started);
         AccessEntry {
             direction: "outbound",
             src: Some(src),

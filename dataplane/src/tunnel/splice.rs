@@ -115,6 +115,16 @@ enum Side {
     Peer(String),
 }
 
+impl Side {
+    /// How the splice ended, and why, for its caller.
+    fn end(self) -> (SpliceEnd, Option<String>) {
+        match self {
+            Side::Local(e) => (SpliceEnd::LocalError, Some(e.to_string())),
+            Side::Peer(e) => (SpliceEnd::PeerError, Some(e)),
+        }
+    }
+}
+
 async fn socket_to_h2<R: AsyncRead + Unpin>(
     mut read: R,
     tx: &mut h2::SendStream<Bytes>,
@@ -163,15 +173,7 @@ async fn h2_to_socket<W: AsyncWrite + Unpin>(
     loop {
         let (n, end) = std::future::poll_fn(|cx| poll_h2_chunks(&mut rx, cx, &mut chunks)).await;
         if n > 0 {
-            let got = &mut chunks[..n];
-            let len: usize = got.iter().map(Bytes::len).sum();
-            write_all_chunks(&mut write, got)
-                .await
-                .map_err(Side::Local)?;
-            if let Some(g) = &mut guard {
-                g.after_write(len).await;
-            }
-            counters.received.fetch_add(len as u64, Ordering::Relaxed);
+            let len = deliver(&mut write, &mut chunks[..n], counters, &mut guard).await?;
             let _ = rx.flow_control().release_capacity(len);
         }
         match end {
@@ -298,20 +300,29 @@ async fn quic_to_socket<W: AsyncWrite + Unpin>(
     loop {
         match rx.read_chunks(&mut chunks).await {
             Ok(Some(n)) => {
-                let got = &mut chunks[..n];
-                let len: usize = got.iter().map(Bytes::len).sum();
-                write_all_chunks(&mut write, got)
-                    .await
-                    .map_err(Side::Local)?;
-                if let Some(g) = &mut guard {
-                    g.after_write(len).await;
-                }
-                counters.received.fetch_add(len as u64, Ordering::Relaxed);
+                deliver(&mut write, &mut chunks[..n], counters, &mut guard).await?;
             }
             Ok(None) => return write.shutdown().await.map_err(Side::Local),
             Err(e) => return Err(Side::Peer(e.to_string())),
         }
     }
+}
+
+/// Writes chunks from the tunnel to the app's socket ([`write_all_chunks`]),
+/// lets the guard see them and counts them; returns how many bytes.
+async fn deliver<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    chunks: &mut [Bytes],
+    counters: &Counters,
+    guard: &mut Option<WriteGuard>,
+) -> Result<usize, Side> {
+    let len: usize = chunks.iter().map(Bytes::len).sum();
+    write_all_chunks(write, chunks).await.map_err(Side::Local)?;
+    if let Some(g) = guard {
+        g.after_write(len).await;
+    }
+    counters.received.fetch_add(len as u64, Ordering::Relaxed);
+    Ok(len)
 }
 
 /// Writes every chunk, as few `writev` calls as the socket allows; the
@@ -356,6 +367,33 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Runs both directions of a splice until both end or one fails, and
+/// says which failed; `retire` (the sockmap's, [`Guard::split`]) is polled
+/// alongside and never ends.
+async fn both_ways(
+    up: impl std::future::Future<Output = Result<(), Side>>,
+    down: impl std::future::Future<Output = Result<(), Side>>,
+    retire: impl std::future::Future<Output = ()>,
+) -> Option<Side> {
+    tokio::pin!(up, down, retire);
+    let mut up_done = false;
+    let mut down_done = false;
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                if let Err(e) = r { return Some(e); }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                if let Err(e) = r { return Some(e); }
+            }
+            () = &mut retire => {}
+        }
+    }
+    None
+}
+
 async fn splice_quic(
     socket: tokio::net::TcpStream,
     mut tx: quinn::SendStream,
@@ -368,24 +406,7 @@ async fn splice_quic(
         let (reading, writing, retire) = Guard::split(guard);
         let up = socket_to_quic(read, &mut tx, &counters, reading);
         let down = quic_to_socket(rx, write, &counters, writing);
-        tokio::pin!(up, down, retire);
-        let mut up_done = false;
-        let mut down_done = false;
-        let mut failure = None;
-        while !(up_done && down_done) {
-            tokio::select! {
-                r = &mut up, if !up_done => {
-                    up_done = true;
-                    if let Err(e) = r { failure = Some(e); break; }
-                }
-                r = &mut down, if !down_done => {
-                    down_done = true;
-                    if let Err(e) = r { failure = Some(e); break; }
-                }
-                () = &mut retire => {}
-            }
-        }
-        failure
+        both_ways(up, down, retire).await
     };
     match failure {
         None => {
@@ -395,10 +416,7 @@ async fn splice_quic(
         }
         Some(side) => {
             let _ = tx.reset(quinn::VarInt::from_u32(1));
-            match side {
-                Side::Local(e) => (SpliceEnd::LocalError, Some(e.to_string())),
-                Side::Peer(e) => (SpliceEnd::PeerError, Some(e)),
-            }
+            side.end()
         }
     }
 }
@@ -415,33 +433,13 @@ async fn splice_h2(
         let (reading, writing, retire) = Guard::split(guard);
         let up = socket_to_h2(read, &mut tx, &counters, reading);
         let down = h2_to_socket(rx, write, &counters, writing);
-        tokio::pin!(up, down, retire);
-        let mut up_done = false;
-        let mut down_done = false;
-        let mut failure = None;
-        while !(up_done && down_done) {
-            tokio::select! {
-                r = &mut up, if !up_done => {
-                    up_done = true;
-                    if let Err(e) = r { failure = Some(e); break; }
-                }
-                r = &mut down, if !down_done => {
-                    down_done = true;
-                    if let Err(e) = r { failure = Some(e); break; }
-                }
-                () = &mut retire => {}
-            }
-        }
-        failure
+        both_ways(up, down, retire).await
     };
     match failure {
         None => (SpliceEnd::Done, None),
         Some(side) => {
             tx.send_reset(h2::Reason::CANCEL);
-            match side {
-                Side::Local(e) => (SpliceEnd::LocalError, Some(e.to_string())),
-                Side::Peer(e) => (SpliceEnd::PeerError, Some(e)),
-            }
+            side.end()
         }
     }
 }
