@@ -860,14 +860,14 @@ fn run(o: &Options) {
         ),
     ];
     // Every measurement runs for every setup, `rounds` times, before the
-    // next measurement starts; each round starts with the next setup, so
-    // no setup always goes first or last. Setups are compared round by
-    // round, minutes apart at most, which is what keeps this VM's drift
-    // out of the ratios.
+    // next measurement starts, in each round's order (`round_order`: no
+    // setup always goes first or last, or always follows the same one).
+    // Setups are compared round by round, minutes apart at most, which is
+    // what keeps this VM's drift out of the ratios.
     let mut measured: Vec<Vec<Figures>> = vec![vec![serde_json::Map::new(); rounds]; setups.len()];
     let n = setups.len();
     let order: Vec<(usize, usize)> = (0..rounds)
-        .flat_map(|r| (0..n).map(move |k| ((k + r) % n, r)))
+        .flat_map(|r| round_order(n, r).into_iter().map(move |i| (i, r)))
         .collect();
     for (name, measure) in &lines {
         println!("== {name}");
@@ -1039,11 +1039,28 @@ fn f(v: &Value, k: &str) -> f64 {
 
 type Figures = serde_json::Map<String, Value>;
 
+/// The order of the `n` setups in round `r`: each round starts one setup
+/// later, and every other round goes through them backwards. A setup's
+/// figures can depend on which one ran just before it (meshd over TCP and
+/// over QUIC share the server's meshd, which one leaves busy and another
+/// idle; docs/BENCHMARKS.md, "Rounds"), so no setup always follows the
+/// same one.
+fn round_order(n: usize, r: usize) -> Vec<usize> {
+    (0..n)
+        .map(|k| {
+            if r % 2 == 0 {
+                (r + k) % n
+            } else {
+                (r + n - k) % n
+            }
+        })
+        .collect()
+}
+
 /// One latency line in turns: in every round each setup runs `slices`
 /// slices, the setups taking turns slice by slice in the round's order
-/// (which starts one setup later each round, as the other lines' do); each
-/// setup's slices are pooled and `figures` turns the pool into that
-/// round's figures.
+/// (`round_order`, as the other lines'); each setup's slices are pooled
+/// and `figures` turns the pool into that round's figures.
 fn take_turns(
     label: &str,
     setups: &[Setup],
@@ -1056,7 +1073,7 @@ fn take_turns(
     println!("== {label}");
     let n = setups.len();
     for r in 0..rounds {
-        let turns: Vec<usize> = (0..n).map(|k| (k + r) % n).collect();
+        let turns = round_order(n, r);
         let mut pooled = vec![Pooled::default(); n];
         for _ in 0..slices.max(1) {
             for &i in &turns {
@@ -1712,6 +1729,35 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rounds_change_who_goes_first_and_who_follows_whom() {
+        use super::round_order;
+        use std::collections::HashSet;
+        assert_eq!(round_order(4, 0), [0, 1, 2, 3]);
+        assert_eq!(round_order(4, 1), [1, 0, 3, 2]);
+        assert_eq!(round_order(4, 2), [2, 3, 0, 1]);
+        // Every round runs each setup once; over three rounds each setup
+        // comes after at least two different setups (the turns repeat
+        // cyclically, so the last of a round also precedes the first).
+        let rounds: Vec<Vec<usize>> = (0..3).map(|r| round_order(4, r)).collect();
+        for order in &rounds {
+            let mut sorted = order.clone();
+            sorted.sort();
+            assert_eq!(sorted, [0, 1, 2, 3]);
+        }
+        for setup in 0..4 {
+            let before: HashSet<usize> = rounds
+                .iter()
+                .map(|o| {
+                    let at = o.iter().position(|&i| i == setup).unwrap();
+                    o[(at + 3) % 4]
+                })
+                .collect();
+            assert!(before.len() >= 2, "setup {setup} always follows {before:?}");
+        }
+        assert_eq!(round_order(1, 5), [0]);
+    }
+
     #[test]
     fn pinning_splits_the_allowed_cpus_in_halves() {
         use super::{CLIENT, CLIENT_QUIC, Pinning, SERVER, cpus};
