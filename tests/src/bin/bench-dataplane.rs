@@ -1048,7 +1048,7 @@ type Figures = serde_json::Map<String, Value>;
 fn round_order(n: usize, r: usize) -> Vec<usize> {
     (0..n)
         .map(|k| {
-            if r % 2 == 0 {
+            if r.is_multiple_of(2) {
                 (r + k) % n
             } else {
                 (r + n - k) % n
