@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::admin::readiness::{Readiness, TaskGuard};
 use crate::admin::{self, AdminState, CaptureStatus};
 use crate::capture::{self, CaptureSpec};
-use crate::config::{MeshdConfig, SockmapMode};
+use crate::config::{MeshdConfig, SockmapMode, TcpTunnels};
 use crate::control::{self, Control, ControlMetrics};
 use crate::dns::{DnsConfig, DnsMetrics, DnsServer, NameTable};
 use crate::drain::{self, DrainTrigger};
@@ -37,6 +37,7 @@ use crate::proxy::inbound::Inbound;
 use crate::proxy::lb::{Balancer, OutlierSettings};
 use crate::proxy::outbound::{self, Outbound};
 use crate::sockmap::{self, Accel};
+use crate::tunnel::dedicated::DedicatedPool;
 use crate::tunnel::hbone::{Pool, PoolSettings};
 use crate::tunnel::quic::QuicPool;
 use crate::tunnel::server::{self as tunnel_server, ServerSettings};
@@ -343,24 +344,27 @@ impl Meshd {
         // Tunnels.
         let tls = TlsConfigs::new(identity.clone()).context("building tunnel TLS")?;
         rt.control.spawn(tls.clone().follow());
-        let pool = Arc::new(Pool::new(
-            tls.clone(),
-            PoolSettings {
-                connect_timeout: config.proxy.connect_timeout.get(),
-                max_connections: config.proxy.max_connections_per_peer,
-                mark,
-                congestion: config.proxy.tunnel_congestion.clone(),
-                ..PoolSettings::default()
-            },
-        ));
+        let pool_settings = PoolSettings {
+            connect_timeout: config.proxy.connect_timeout.get(),
+            max_connections: config.proxy.max_connections_per_peer,
+            mark,
+            congestion: config.proxy.tunnel_congestion.clone(),
+            ..PoolSettings::default()
+        };
+        let pool = Arc::new(Pool::new(tls.clone(), pool_settings.clone()));
+        let dedicated = match config.proxy.tcp_tunnels {
+            TcpTunnels::Dedicated => Some(Arc::new(DedicatedPool::new(tls.clone(), pool_settings))),
+            TcpTunnels::Multiplexed => None,
+        };
         {
             let pool = pool.clone();
+            let dedicated = dedicated.clone();
             rt.data.spawn(async move {
                 let mut every = tokio::time::interval(Duration::from_secs(30));
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
-                    let closed = pool.sweep();
+                    let closed = pool.sweep() + dedicated.as_ref().map_or(0, |d| d.sweep());
                     if closed > 0 {
                         tracing::debug!(closed, "idle tunnel connections closed");
                     }
@@ -377,6 +381,7 @@ impl Meshd {
         };
         let tunnels = Arc::new(Tunnels {
             h2: pool.clone(),
+            dedicated,
             quic: Some(Arc::new(quic_pool)),
         });
         let balancer = Arc::new(Balancer::new(OutlierSettings::default()));
@@ -454,6 +459,7 @@ impl Meshd {
                 tls.clone(),
                 ServerSettings {
                     congestion: config.proxy.tunnel_congestion.clone(),
+                    offer_dedicated: config.proxy.tcp_tunnels == TcpTunnels::Dedicated,
                     ..ServerSettings::default()
                 },
                 handler.clone(),
@@ -612,7 +618,7 @@ impl Meshd {
             control: control.clone(),
             identity: identity.clone(),
             readiness: readiness.clone(),
-            pool: pool.clone(),
+            tunnels: tunnels.clone(),
             capture: capture_rx,
             sockmap: sockmap.clone(),
             config_json: serde_json::to_value(&config).unwrap_or_default(),

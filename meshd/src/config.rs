@@ -163,6 +163,14 @@ pub struct ProxySection {
     /// stream 20-50% faster on a host whose default is BBR). Must be one
     /// the kernel offers (`net.ipv4.tcp_available_congestion_control`).
     pub tunnel_congestion: Option<String>,
+    /// How tunnels over TCP carry application connections: "dedicated"
+    /// (the default) gives each its own TLS connection to the peer, kept
+    /// open and reused for the next one (no handshake per connection once
+    /// warm, less CPU per byte; as many tunnel connections as concurrent
+    /// app connections); "multiplexed" carries them all as HTTP/2 streams
+    /// over at most `max_connections_per_peer` connections. Peers that
+    /// only offer HTTP/2 get HTTP/2 either way (docs/ARCHITECTURE.md).
+    pub tcp_tunnels: TcpTunnels,
     /// Socket redirection between apps and meshd on this host (eBPF
     /// sockmap, `dataplane/src/sockmap`): "off" (the default) keeps loopback
     /// TCP; "auto" uses it when the kernel and meshd's privileges allow and
@@ -171,6 +179,15 @@ pub struct ProxySection {
     /// unless told to, and it is experimental (`dataplane/src/sockmap`, Limits;
     /// figures in docs/BENCHMARKS.md).
     pub sockmap: SockmapMode,
+}
+
+/// `proxy.tcp_tunnels`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpTunnels {
+    #[default]
+    Dedicated,
+    Multiplexed,
 }
 
 /// `proxy.sockmap`.
@@ -249,6 +266,7 @@ impl Default for ProxySection {
             max_connections_per_peer: 4,
             worker_threads: 0,
             tunnel_congestion: None,
+            tcp_tunnels: TcpTunnels::Dedicated,
             sockmap: SockmapMode::Off,
         }
     }

@@ -385,6 +385,16 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
         .map(|t| t["connections"].as_u64().unwrap())
         .sum();
     assert!(conns <= 2 * 4, "tunnels are pooled: {status}");
+    if transport == "tcp" {
+        // Over TCP, dedicated connections (meshd's default), reused: 36
+        // connections one after another took one per server host.
+        let tunnels = status["tunnels"].as_array().unwrap();
+        assert!(
+            !tunnels.is_empty() && tunnels.iter().all(|t| t["kind"] == "dedicated"),
+            "{status}"
+        );
+        assert!(conns <= 2, "dedicated connections are reused: {status}");
+    }
 }
 
 fn new_connections_succeed_on_the_other_server_within_5s_after_a_server_host_dies(transport: &str) {

@@ -9,7 +9,9 @@
 //! the caller's verified identity, half-close crosses the tunnel, and
 //! certificates rotate under an open stream without dropping it, and the
 //! app's first bytes sent with the request arrive once, in order, and
-//! never through a stream the caller gave up on.
+//! never through a stream the caller gave up on. The same for dedicated
+//! connections (one stream at a time, reused), with their fallback to
+//! HTTP/2 and the replacement of connections the server closed while idle.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,10 +23,13 @@ use hostmesh_api::pki::CertInfo;
 use hostmesh_api::spiffe::SpiffeId;
 use hostmesh_api::tls::{self, CaptureServerVerifier};
 use hostmesh_meshd::identity::Identity;
+use hostmesh_meshd::tunnel::dedicated::DedicatedPool;
 use hostmesh_meshd::tunnel::hbone::{Pool, PoolSettings};
 use hostmesh_meshd::tunnel::server::{self, Handler, InboundRequest, ServerSettings};
 use hostmesh_meshd::tunnel::splice::{Counters, splice};
-use hostmesh_meshd::tunnel::{ALPN_HBONE, PeerKey, TlsConfigs, TunnelError};
+use hostmesh_meshd::tunnel::{
+    ALPN_HBONE, PeerKey, Stream, TlsConfigs, Transport, TunnelError, Tunnels,
+};
 use hostmesh_tests::inproc::{Mesh, mesh_with};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,6 +73,10 @@ struct TunnelServer {
 }
 
 async fn tunnel_server(host: Arc<Identity>) -> TunnelServer {
+    tunnel_server_with(host, ServerSettings::default()).await
+}
+
+async fn tunnel_server_with(host: Arc<Identity>, settings: ServerSettings) -> TunnelServer {
     let tls = TlsConfigs::new(host).unwrap();
     tokio::spawn(tls.clone().follow());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -101,7 +110,7 @@ async fn tunnel_server(host: Arc<Identity>) -> TunnelServer {
                     Vec::new(),
                 ),
                 tls,
-                ServerSettings::default(),
+                settings,
                 handler,
                 drain,
                 failures,
@@ -149,7 +158,12 @@ async fn connect_with_early(
         identity: Arc::new(expect.clone()),
     };
     let stream = pool.open(&key, &app.to_string(), "web.shop", early).await?;
-    let (halves, guard) = hostmesh_meshd::tunnel::Stream::H2(stream).into_halves();
+    Ok(spliced(Stream::H2(stream)).await)
+}
+
+/// The app's end of a local TCP connection spliced to `stream`.
+async fn spliced(stream: Stream) -> TcpStream {
+    let (halves, guard) = stream.into_halves();
     let local = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = TcpStream::connect(local.local_addr().unwrap())
         .await
@@ -159,7 +173,7 @@ async fn connect_with_early(
         splice(accepted, halves, Arc::new(Counters::default()), None).await;
         drop(guard);
     });
-    Ok(client)
+    client
 }
 
 async fn round_trip(s: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
@@ -197,6 +211,42 @@ async fn web_and_client() -> (Mesh, Arc<Identity>, Arc<Identity>, SocketAddr, Tu
     let app = echo_app().await;
     let srv = tunnel_server(web.clone()).await;
     (m, web, client, app, srv)
+}
+
+/// A server slower to answer than a caller waits (its app takes a second
+/// to connect to), reporting whether it could still accept.
+async fn slow_server(
+    web: Arc<Identity>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Result<(), String>>) {
+    let tls = TlsConfigs::new(web.clone()).unwrap();
+    tokio::spawn(tls.clone().follow());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, accepted) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |req: InboundRequest| {
+        let tx = tx.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = tx.send(req.stream.accept().await.map(|_| ()));
+        }
+        .boxed()
+    });
+    let (trigger, drain) = hostmesh_meshd::drain::new();
+    tokio::spawn(async move {
+        // Held for as long as the server runs.
+        let _trigger = trigger;
+        server::serve(
+            listener,
+            hostmesh_meshd::workers::Workers::new(tokio::runtime::Handle::current(), Vec::new()),
+            tls,
+            ServerSettings::default(),
+            handler,
+            drain,
+            Counter::default(),
+        )
+        .await
+    });
+    (addr, accepted)
 }
 
 #[tokio::test]
@@ -444,31 +494,7 @@ async fn the_apps_first_bytes_go_with_the_request_and_arrive_once_in_order() {
 #[tokio::test]
 async fn early_bytes_of_a_stream_the_caller_gave_up_on_never_reach_the_app() {
     let (_mesh, web, client, _app, _srv) = web_and_client().await;
-    // A server slower to answer than the caller waits (its app takes a
-    // second to connect to), reporting whether it could still accept.
-    let tls = TlsConfigs::new(web.clone()).unwrap();
-    tokio::spawn(tls.clone().follow());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, mut accepted) = mpsc::unbounded_channel();
-    let handler: Handler = Arc::new(move |req: InboundRequest| {
-        let tx = tx.clone();
-        async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = tx.send(req.stream.accept().await.map(|_| ()));
-        }
-        .boxed()
-    });
-    let (_trigger, drain) = hostmesh_meshd::drain::new();
-    tokio::spawn(server::serve(
-        listener,
-        hostmesh_meshd::workers::Workers::new(tokio::runtime::Handle::current(), Vec::new()),
-        tls,
-        ServerSettings::default(),
-        handler,
-        drain,
-        Counter::default(),
-    ));
+    let (addr, mut accepted) = slow_server(web.clone()).await;
     let ctls = TlsConfigs::new(client.clone()).unwrap();
     let pool = Pool::new(
         ctls,
@@ -505,4 +531,289 @@ async fn early_bytes_of_a_stream_the_caller_gave_up_on_never_reach_the_app() {
         .expect("a result");
     let why = late.unwrap_err();
     assert!(why.contains("reset") || why.contains("gone"), "{why}");
+}
+
+/// Tunnel clients as meshd builds them by default: dedicated connections
+/// first, HTTP/2 for peers without them.
+fn dedicated_tunnels(host: Arc<Identity>, settings: PoolSettings) -> Tunnels {
+    let tls = TlsConfigs::new(host).unwrap();
+    tokio::spawn(tls.clone().follow());
+    Tunnels {
+        h2: Arc::new(Pool::new(tls.clone(), settings.clone())),
+        dedicated: Some(Arc::new(DedicatedPool::new(tls, settings))),
+        quic: None,
+    }
+}
+
+fn dedicated(t: &Tunnels) -> &DedicatedPool {
+    t.dedicated.as_deref().unwrap()
+}
+
+/// [`connect_with_early`] through `tunnels` over TCP; says which kind of
+/// stream it got.
+async fn open_via(
+    tunnels: &Tunnels,
+    server: SocketAddr,
+    expect: &SpiffeId,
+    app: SocketAddr,
+    early: &[Bytes],
+) -> Result<(TcpStream, &'static str), TunnelError> {
+    let key = PeerKey {
+        addr: server,
+        identity: Arc::new(expect.clone()),
+    };
+    let stream = tunnels
+        .open(
+            &key,
+            false,
+            Transport::Tcp,
+            &app.to_string(),
+            "web.shop",
+            early,
+        )
+        .await?;
+    let kind = match &stream {
+        Stream::Dedicated(_) => "dedicated",
+        Stream::H2(_) => "h2",
+        Stream::Quic(_) => "quic",
+    };
+    Ok((spliced(stream).await, kind))
+}
+
+/// Half-closes `s` and reads what is left, to EOF.
+async fn finish(mut s: TcpStream) -> Vec<u8> {
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("EOF after the app closed")
+        .unwrap();
+    rest
+}
+
+#[tokio::test]
+async fn dedicated_connections_carry_one_stream_at_a_time_and_are_reused() {
+    let (_mesh, web, client, app, mut srv) = web_and_client().await;
+    let t = dedicated_tunnels(client.clone(), PoolSettings::default());
+
+    let (mut s, kind) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(kind, "dedicated");
+    assert_eq!(round_trip(&mut s, b"hello").await, b"hello");
+    // Half-close crosses, and the rest of the answer follows.
+    s.write_all(b" and goodbye").await.unwrap();
+    assert_eq!(finish(s).await, b" and goodbye");
+    let caller = srv.callers.recv().await.unwrap();
+    assert_eq!(&caller, client.spiffe_id(), "the verified caller identity");
+
+    // One after another, streams take the same connection: a large one
+    // (many frames, both ways) too.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..5u8 {
+        let (mut s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut s, &[i; 100]).await, vec![i; 100]);
+        if i == 4 {
+            assert_eq!(round_trip(&mut s, &big).await, big);
+        }
+        assert!(finish(s).await.is_empty());
+    }
+    assert_eq!(
+        dedicated(&t).handshakes(),
+        1,
+        "one TLS handshake for 6 streams"
+    );
+
+    // Three at once need three connections (after the first, new ones)...
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
+            .await
+            .unwrap();
+        open.push(s);
+    }
+    assert_eq!(dedicated(&t).handshakes(), 3);
+    let listed = dedicated(&t).connections();
+    assert_eq!((listed[0].1, listed[0].2), (3, 3), "connections, streams");
+    for mut s in open {
+        assert_eq!(round_trip(&mut s, b"x").await, b"x");
+        assert!(finish(s).await.is_empty());
+    }
+    // ...which then stay, idle, for the next ones.
+    hostmesh_tests::eventually_async("three idle connections", Duration::from_secs(5), || async {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match dedicated(&t).connections().first() {
+            Some((_, 3, 0)) => Ok(()),
+            other => Err(format!("{:?}", other.map(|c| (c.1, c.2)))),
+        }
+    })
+    .await;
+    let (mut s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"y").await, b"y");
+    assert_eq!(dedicated(&t).handshakes(), 3);
+    assert_eq!(t.h2.handshakes(), 0, "HTTP/2 unused");
+}
+
+#[tokio::test]
+async fn a_refused_dedicated_stream_drops_its_early_bytes_and_the_next_one_works() {
+    let (_mesh, web, client, app, srv) = web_and_client().await;
+    let t = dedicated_tunnels(client.clone(), PoolSettings::default());
+    let early = [
+        Bytes::from_static(b"GET / "),
+        Bytes::from_static(b"HTTP/1.1\r\n"),
+    ];
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    match open_via(&t, srv.addr, web.spiffe_id(), closed, &early).await {
+        Err(TunnelError::Refused { status: 502, .. }) => {}
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    let (mut s, kind) = open_via(&t, srv.addr, web.spiffe_id(), app, &early)
+        .await
+        .unwrap();
+    assert_eq!(kind, "dedicated");
+    assert_eq!(round_trip(&mut s, b"Host: web\r\n").await, b"GET / HTTP/");
+    assert_eq!(finish(s).await, b"1.1\r\nHost: web\r\n", "in order, once");
+    // The refusal closed its connection; the next stream dialled anew.
+    assert_eq!(dedicated(&t).handshakes(), 2);
+}
+
+#[tokio::test]
+async fn a_peer_that_offers_only_http2_gets_http2() {
+    let (_mesh, web, client, app, _srv) = web_and_client().await;
+    let old = tunnel_server_with(
+        web.clone(),
+        ServerSettings {
+            offer_dedicated: false,
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    let t = dedicated_tunnels(client.clone(), PoolSettings::default());
+    for i in 0..3u8 {
+        let (mut s, kind) = open_via(&t, old.addr, web.spiffe_id(), app, &[])
+            .await
+            .unwrap();
+        assert_eq!(kind, "h2", "stream {i}");
+        assert_eq!(round_trip(&mut s, b"z").await, b"z");
+    }
+    assert!(dedicated(&t).h2_only(old.addr));
+    assert_eq!(dedicated(&t).handshakes(), 1, "asked once, then remembered");
+    assert_eq!(t.h2.handshakes(), 1);
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_server_closed_is_replaced_without_failing_a_stream() {
+    let (_mesh, web, client, app, _srv) = web_and_client().await;
+    let srv = tunnel_server_with(
+        web.clone(),
+        ServerSettings {
+            dedicated_idle: Duration::from_millis(200),
+            ..ServerSettings::default()
+        },
+    )
+    .await;
+    let t = dedicated_tunnels(client.clone(), PoolSettings::default());
+    let (mut s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"a").await, b"a");
+    assert!(finish(s).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (mut s, _) = open_via(
+        &t,
+        srv.addr,
+        web.spiffe_id(),
+        app,
+        &[Bytes::from_static(b"b")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(round_trip(&mut s, b"c").await, b"b", "the early byte first");
+    assert_eq!(finish(s).await, b"c");
+    assert_eq!(dedicated(&t).handshakes(), 2);
+}
+
+#[tokio::test]
+async fn idle_dedicated_connections_are_swept_and_departed_peers_forgotten() {
+    let (_mesh, web, client, app, srv) = web_and_client().await;
+    let t = dedicated_tunnels(
+        client.clone(),
+        PoolSettings {
+            idle_timeout: Duration::from_millis(300),
+            ..PoolSettings::default()
+        },
+    );
+    let (mut busy, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut busy, b"x").await, b"x");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        dedicated(&t).sweep(),
+        0,
+        "a connection carrying a stream stays"
+    );
+    assert!(finish(busy).await.is_empty());
+    hostmesh_tests::eventually_async(
+        "the idle connection to be swept",
+        Duration::from_secs(5),
+        || async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match dedicated(&t).sweep() {
+                1 => Ok(()),
+                n => Err(format!("swept {n}")),
+            }
+        },
+    )
+    .await;
+    assert!(dedicated(&t).connections().is_empty());
+}
+
+#[tokio::test]
+async fn early_bytes_of_a_dedicated_stream_the_caller_gave_up_on_never_reach_the_app() {
+    let (_mesh, web, client, _app, _srv) = web_and_client().await;
+    let (addr, mut accepted) = slow_server(web.clone()).await;
+    let t = dedicated_tunnels(
+        client.clone(),
+        PoolSettings {
+            connect_timeout: Duration::from_millis(200),
+            ..PoolSettings::default()
+        },
+    );
+    let key = PeerKey {
+        addr,
+        identity: Arc::new(web.spiffe_id().clone()),
+    };
+    let started = std::time::Instant::now();
+    let err = t
+        .open(
+            &key,
+            false,
+            Transport::Tcp,
+            "127.0.0.1:9",
+            "web.shop",
+            &[Bytes::from_static(b"POST /pay")],
+        )
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let late = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("the server to get to its answer")
+        .expect("a result");
+    let why = late.unwrap_err();
+    assert!(why.contains("closed the connection"), "{why}");
 }

@@ -37,6 +37,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     /// TCP congestion control of tunnel sockets (None: the system's).
     pub congestion: Option<String>,
+    /// Dedicated connections ([`super::dedicated`]) kept open per peer
+    /// between streams.
+    pub max_idle_per_peer: usize,
 }
 
 impl Default for PoolSettings {
@@ -51,6 +54,7 @@ impl Default for PoolSettings {
             max_frame_size: 64 * 1024,
             idle_timeout: Duration::from_secs(300),
             congestion: None,
+            max_idle_per_peer: 128,
         }
     }
 }

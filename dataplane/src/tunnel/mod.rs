@@ -6,6 +6,10 @@
 //!   Istio's ambient mode uses): a pool of a few connections per peer
 //!   host, each multiplexing many streams, so an application connection
 //!   costs no TLS handshake.
+//! - [`dedicated`]: the default over TCP: one TLS connection per
+//!   application connection at a time, kept open and reused for the next,
+//!   so it too costs no TLS handshake once warm, with less work per byte
+//!   than HTTP/2; negotiated by ALPN, HTTP/2 where the peer lacks it.
 //! - [`server`]: accepts tunnels and hands each CONNECT to the inbound
 //!   proxy with the caller's verified identity.
 //! - [`quic`]: the same over QUIC on UDP 15008, one connection per peer.
@@ -21,6 +25,7 @@
 //! to the inbound proxy. Certificates rotate without touching established
 //! tunnels: configs are rebuilt and used by new handshakes.
 
+pub mod dedicated;
 pub mod hbone;
 pub mod quic;
 pub mod server;
@@ -109,22 +114,31 @@ impl TunnelError {
     }
 }
 
+/// Client configs by peer identity and whether they offer dedicated
+/// connections.
+type ClientConfigs = HashMap<(SpiffeId, bool), Arc<ClientConfig>>;
+
 /// The TLS configs of this host's tunnels, rebuilt when the certificate or
 /// trust bundle changes.
 pub struct TlsConfigs {
     identity: Arc<Identity>,
     server: ArcSwap<ServerConfig>,
-    clients: Mutex<(u64, HashMap<SpiffeId, Arc<ClientConfig>>)>,
+    /// The same, offering HTTP/2 alone.
+    server_h2: ArcSwap<ServerConfig>,
+    /// Per peer identity, and whether dedicated connections are offered.
+    clients: Mutex<(u64, ClientConfigs)>,
     generation: std::sync::atomic::AtomicU64,
 }
 
 impl TlsConfigs {
     pub fn new(identity: Arc<Identity>) -> Result<Arc<TlsConfigs>, TunnelError> {
-        let server = build_server(&identity)?;
+        let server = build_server(&identity, true)?;
+        let server_h2 = build_server(&identity, false)?;
         let generation = *identity.changes().borrow();
         Ok(Arc::new(TlsConfigs {
             identity,
             server: ArcSwap::from_pointee(server),
+            server_h2: ArcSwap::from_pointee(server_h2),
             clients: Mutex::new((generation, HashMap::new())),
             generation: std::sync::atomic::AtomicU64::new(generation),
         }))
@@ -135,9 +149,12 @@ impl TlsConfigs {
         let mut changes = self.identity.changes();
         while changes.changed().await.is_ok() {
             let generation = *changes.borrow();
-            match build_server(&self.identity) {
-                Ok(cfg) => {
+            match build_server(&self.identity, true)
+                .and_then(|c| Ok((c, build_server(&self.identity, false)?)))
+            {
+                Ok((cfg, h2)) => {
                     self.server.store(Arc::new(cfg));
+                    self.server_h2.store(Arc::new(h2));
                     self.generation
                         .store(generation, std::sync::atomic::Ordering::Release);
                     tracing::info!(generation, "tunnel TLS configs rebuilt");
@@ -149,41 +166,67 @@ impl TlsConfigs {
         }
     }
 
-    pub fn server(&self) -> Arc<ServerConfig> {
-        self.server.load_full()
+    /// The server config, offering dedicated connections or not.
+    pub fn server_offering(&self, dedicated: bool) -> Arc<ServerConfig> {
+        if dedicated {
+            self.server.load_full()
+        } else {
+            self.server_h2.load_full()
+        }
     }
 
     /// The client config that accepts exactly `peer`. Configs are kept per
     /// identity so TLS session resumption works across connections.
     pub fn client_for(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, TunnelError> {
+        self.client(peer, false)
+    }
+
+    /// The same, offering dedicated connections first, then HTTP/2.
+    pub fn client_dedicated(&self, peer: &SpiffeId) -> Result<Arc<ClientConfig>, TunnelError> {
+        self.client(peer, true)
+    }
+
+    fn client(&self, peer: &SpiffeId, dedicated: bool) -> Result<Arc<ClientConfig>, TunnelError> {
         let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
         let mut guard = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if guard.0 != generation {
             *guard = (generation, HashMap::new());
         }
-        if let Some(cfg) = guard.1.get(peer) {
+        let key = (peer.clone(), dedicated);
+        if let Some(cfg) = guard.1.get(&key) {
             return Ok(cfg.clone());
         }
+        let alpn: &[&[u8]] = if dedicated {
+            &[dedicated::ALPN, ALPN_HBONE]
+        } else {
+            &[ALPN_HBONE]
+        };
         let verifier = Arc::new(SpiffeServerVerifier::new(
             self.identity.bundle(),
             Expect::Exactly(peer.clone()),
         ));
         let cfg = Arc::new(
-            tls::client_config(verifier, Some(self.identity.cert()), &[ALPN_HBONE])
+            tls::client_config(verifier, Some(self.identity.cert()), alpn)
                 .map_err(|e| TunnelError::Config(e.to_string()))?,
         );
-        guard.1.insert(peer.clone(), cfg.clone());
+        guard.1.insert(key, cfg.clone());
         Ok(cfg)
     }
 }
 
-fn build_server(identity: &Identity) -> Result<ServerConfig, TunnelError> {
+fn build_server(identity: &Identity, dedicated: bool) -> Result<ServerConfig, TunnelError> {
     let verifier = Arc::new(SpiffeClientVerifier::new(
         identity.bundle(),
         Expect::TrustDomain,
         true,
     ));
-    tls::server_config(identity.cert(), verifier, &[ALPN_HBONE])
+    // The server picks the first of its own it is offered.
+    let alpn: &[&[u8]] = if dedicated {
+        &[dedicated::ALPN, ALPN_HBONE]
+    } else {
+        &[ALPN_HBONE]
+    };
+    tls::server_config(identity.cert(), verifier, alpn)
         .map_err(|e| TunnelError::Config(e.to_string()))
 }
 
@@ -212,6 +255,7 @@ impl Transport {
 pub enum Stream {
     H2(hbone::TunnelStream),
     Quic(quic::QuicStream),
+    Dedicated(dedicated::DedicatedStream),
 }
 
 impl Stream {
@@ -219,6 +263,7 @@ impl Stream {
         match self {
             Stream::H2(_) => "tcp",
             Stream::Quic(_) => "quic",
+            Stream::Dedicated(_) => "tcp",
         }
     }
 
@@ -231,6 +276,10 @@ impl Stream {
             Stream::Quic(s) => {
                 let quic::QuicStream { send, recv, guard } = s;
                 (splice::Halves::Quic(send, recv), Some(Box::new(guard)))
+            }
+            Stream::Dedicated(s) => {
+                let (halves, guard) = s.into_halves();
+                (splice::Halves::Dedicated(halves), Some(guard))
             }
         }
     }
@@ -258,16 +307,20 @@ pub fn set_congestion(socket: &tokio::net::TcpStream, name: Option<&str>) {
     }
 }
 
-/// Both tunnel clients.
+/// The tunnel clients.
 pub struct Tunnels {
     pub h2: Arc<hbone::Pool>,
+    /// Dedicated connections over TCP, where the peer offers them (None:
+    /// HTTP/2 only, `proxy.tcp_tunnels = "multiplexed"`).
+    pub dedicated: Option<Arc<dedicated::DedicatedPool>>,
     pub quic: Option<Arc<quic::QuicPool>>,
 }
 
 impl Tunnels {
     /// Opens a stream to `authority` through the tunnel to `key`, over QUIC
     /// when `mode` asks for it and the peer offers it (falling back to TCP
-    /// when QUIC gets no answer), else over TCP.
+    /// when QUIC gets no answer), else over TCP: on a dedicated connection
+    /// unless the peer only speaks HTTP/2.
     ///
     /// `early` is what the app has already sent: it follows the request at
     /// once instead of a round trip later, when the answer comes (see
@@ -291,6 +344,15 @@ impl Tunnels {
                     }
                     Err(e) => return Err(e),
                 }
+            }
+        }
+        if let Some(d) = &self.dedicated
+            && !d.h2_only(key.addr)
+        {
+            match d.open(key, authority, service, early).await {
+                Ok(s) => return Ok(Stream::Dedicated(s)),
+                Err(dedicated::OpenError::Failed(e)) => return Err(e),
+                Err(dedicated::OpenError::NotOffered) => {}
             }
         }
         self.h2

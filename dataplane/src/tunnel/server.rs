@@ -38,6 +38,7 @@ pub enum InboundStream {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     },
+    Dedicated(Box<super::dedicated::Halves>),
 }
 
 impl InboundStream {
@@ -45,6 +46,7 @@ impl InboundStream {
         match self {
             InboundStream::H2 { .. } => "tcp",
             InboundStream::Quic { .. } => "quic",
+            InboundStream::Dedicated(_) => "tcp",
         }
     }
 
@@ -57,6 +59,11 @@ impl InboundStream {
             InboundStream::Quic { mut send, .. } => {
                 let _ = super::quic::write_status(&mut send, code).await;
                 let _ = send.finish();
+            }
+            InboundStream::Dedicated(mut h) => {
+                // The connection closes with it (the caller drops its
+                // early bytes).
+                let _ = h.conn.write_status(code).await;
             }
         }
     }
@@ -86,6 +93,15 @@ impl InboundStream {
                 super::quic::write_status(&mut send, 200).await?;
                 Ok(super::splice::Halves::Quic(send, recv))
             }
+            InboundStream::Dedicated(mut h) => {
+                // As for HTTP/2: a caller that gave up (closed the
+                // connection) may be sending its first bytes elsewhere.
+                if h.conn.caller_gave_up() {
+                    return Err("the caller closed the connection".to_string());
+                }
+                h.conn.write_status(200).await.map_err(|e| e.to_string())?;
+                Ok(super::splice::Halves::Dedicated(*h))
+            }
         }
     }
 }
@@ -101,6 +117,12 @@ pub struct ServerSettings {
     pub max_streams: u32,
     /// TCP congestion control of tunnel sockets (None: the system's).
     pub congestion: Option<String>,
+    /// A dedicated connection waiting this long for its next stream is
+    /// closed (longer than the client's idle timeout, so the client, which
+    /// knows whether it still wants it, usually closes it first).
+    pub dedicated_idle: Duration,
+    /// Offer dedicated connections (`proxy.tcp_tunnels = "dedicated"`).
+    pub offer_dedicated: bool,
 }
 
 impl Default for ServerSettings {
@@ -112,6 +134,8 @@ impl Default for ServerSettings {
             max_frame_size: 64 * 1024,
             max_streams: 1000,
             congestion: None,
+            dedicated_idle: Duration::from_secs(600),
+            offer_dedicated: true,
         }
     }
 }
@@ -147,7 +171,8 @@ pub async fn serve(
         let drain = drain.clone();
         let failures = handshake_failures.clone();
         workers.dispatch(tcp, move |tcp| async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server());
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(tls.server_offering(settings.offer_dedicated));
             let mut stream = match tokio::time::timeout(
                 settings.handshake_timeout,
                 acceptor.accept(tcp),
@@ -181,6 +206,13 @@ pub async fn serve(
                 failures.inc();
                 return;
             };
+            if stream.get_ref().1.alpn_protocol() == Some(super::dedicated::ALPN) {
+                super::dedicated::keepalive(stream.get_ref().0);
+                let conn = super::dedicated::TunnelConn::new(Box::new(stream));
+                let idle = settings.dedicated_idle;
+                super::dedicated::serve(conn, remote, identity, handler, drain, idle).await;
+                return;
+            }
             serve_connection(stream, remote, identity, settings, handler, drain).await;
         });
     }

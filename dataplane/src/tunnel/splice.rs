@@ -34,24 +34,24 @@ use crate::sockmap::{Guard, ReadGuard, WriteGuard};
 /// against 7.9 on BBR and 16.8 against 11.0 on Reno; 32 KiB ones 10.0 and
 /// 15.1. A connection that only exchanges small messages keeps a 16 KiB
 /// buffer.
-struct ReadSize {
+pub(crate) struct ReadSize {
     records: usize,
 }
 
 impl ReadSize {
     const MAX_RECORDS: usize = 3;
 
-    fn new() -> ReadSize {
+    pub(crate) fn new() -> ReadSize {
         ReadSize { records: 1 }
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.records * 16 * 1024 - 9
     }
 
     /// After a read of `got` bytes that asked for `asked`: one that filled
     /// its room means more is waiting.
-    fn grow_after(&mut self, got: usize, asked: usize) {
+    pub(crate) fn grow_after(&mut self, got: usize, asked: usize) {
         if got >= asked && self.records < Self::MAX_RECORDS {
             self.records = (self.records * 2).min(Self::MAX_RECORDS);
         }
@@ -110,14 +110,14 @@ impl SpliceEnd {
     }
 }
 
-enum Side {
+pub(crate) enum Side {
     Local(std::io::Error),
     Peer(String),
 }
 
 impl Side {
     /// How the splice ended, and why, for its caller.
-    fn end(self) -> (SpliceEnd, Option<String>) {
+    pub(crate) fn end(self) -> (SpliceEnd, Option<String>) {
         match self {
             Side::Local(e) => (SpliceEnd::LocalError, Some(e.to_string())),
             Side::Peer(e) => (SpliceEnd::PeerError, Some(e)),
@@ -221,7 +221,10 @@ fn poll_h2_chunks(
 
 /// The two directions of a tunnel stream, on either transport.
 /// Awaits `fut`, calling `on_wait` once if it is not ready at once.
-async fn noting_wait<F: std::future::Future>(fut: F, on_wait: impl FnOnce()) -> F::Output {
+pub(crate) async fn noting_wait<F: std::future::Future>(
+    fut: F,
+    on_wait: impl FnOnce(),
+) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     let mut on_wait = Some(on_wait);
     std::future::poll_fn(|cx| {
@@ -236,9 +239,14 @@ async fn noting_wait<F: std::future::Future>(fut: F, on_wait: impl FnOnce()) -> 
     .await
 }
 
+/// A TLS stream of either side, boxed (dedicated tunnel connections).
+pub trait RawIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> RawIo for T {}
+
 pub enum Halves {
     H2(h2::SendStream<Bytes>, h2::RecvStream),
     Quic(quinn::SendStream, quinn::RecvStream),
+    Dedicated(super::dedicated::Halves),
 }
 
 /// Splices `socket` with the tunnel stream until both directions end or
@@ -253,6 +261,7 @@ pub async fn splice(
     match halves {
         Halves::H2(tx, rx) => splice_h2(socket, tx, rx, counters, guard).await,
         Halves::Quic(tx, rx) => splice_quic(socket, tx, rx, counters, guard).await,
+        Halves::Dedicated(h) => super::dedicated::splice(socket, h, counters, guard).await,
     }
 }
 
@@ -370,7 +379,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
 /// Runs both directions of a splice until both end or one fails, and
 /// says which failed; `retire` (the sockmap's, [`Guard::split`]) is polled
 /// alongside and never ends.
-async fn both_ways(
+pub(crate) async fn both_ways(
     up: impl std::future::Future<Output = Result<(), Side>>,
     down: impl std::future::Future<Output = Result<(), Side>>,
     retire: impl std::future::Future<Output = ()>,

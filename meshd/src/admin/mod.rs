@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::control::Control;
 use crate::identity::Identity;
 use crate::mesh::{MeshHandle, MeshState};
-use crate::tunnel::hbone::Pool;
+use crate::tunnel::Tunnels;
 use readiness::Readiness;
 
 pub use hostmesh_dataplane::doubling_buckets;
@@ -37,7 +37,7 @@ pub struct AdminState {
     pub control: Arc<Control>,
     pub identity: Arc<Identity>,
     pub readiness: Readiness,
-    pub pool: Arc<Pool>,
+    pub tunnels: Arc<Tunnels>,
     /// What nftables captures, and for which config version.
     pub capture: watch::Receiver<CaptureStatus>,
     /// Socket redirection between apps and meshd.
@@ -243,12 +243,15 @@ fn status_json(state: &AdminState) -> Value {
     let cert = state.identity.cert_info();
     let link = state.control.link().borrow().clone();
     let mesh = state.mesh.load();
-    let tunnels: Vec<Value> = state
-        .pool
-        .connections()
-        .into_iter()
-        .map(|(peer, conns, streams)| json!({"peer": peer.addr.to_string(), "identity": peer.identity.to_string(), "connections": conns, "streams": streams}))
-        .collect();
+    let listing = |kind: &str, list: Vec<(crate::tunnel::PeerKey, usize, usize)>| -> Vec<Value> {
+        list.into_iter()
+            .map(|(peer, conns, streams)| json!({"peer": peer.addr.to_string(), "identity": peer.identity.to_string(), "kind": kind, "connections": conns, "streams": streams}))
+            .collect()
+    };
+    let mut tunnels = listing("multiplexed", state.tunnels.h2.connections());
+    if let Some(d) = &state.tunnels.dedicated {
+        tunnels.extend(listing("dedicated", d.connections()));
+    }
     json!({
         "host": state.identity.host(),
         "identity": state.identity.spiffe_id().to_string(),
