@@ -149,7 +149,8 @@ pub struct ProxySection {
     pub connect_timeout: Dur,
     /// Open connections get this long to finish at shutdown.
     pub drain_timeout: Dur,
-    /// Tunnel connections per peer host at most.
+    /// HTTP/2 tunnel connections per peer host at most (`tcp_tunnels =
+    /// "multiplexed"`, and peers that only offer HTTP/2).
     pub max_connections_per_peer: usize,
     /// Data-plane workers, each a thread with its own runtime that takes
     /// connections in turn (0: half the cores this process may use, at
