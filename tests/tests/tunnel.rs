@@ -213,24 +213,12 @@ async fn web_and_client() -> (Mesh, Arc<Identity>, Arc<Identity>, SocketAddr, Tu
     (m, web, client, app, srv)
 }
 
-/// A server slower to answer than a caller waits (its app takes a second
-/// to connect to), reporting whether it could still accept.
-async fn slow_server(
-    web: Arc<Identity>,
-) -> (SocketAddr, mpsc::UnboundedReceiver<Result<(), String>>) {
-    let tls = TlsConfigs::new(web.clone()).unwrap();
+/// A tunnel server for `web` with its own `handler`.
+async fn server_with(web: Arc<Identity>, handler: Handler) -> SocketAddr {
+    let tls = TlsConfigs::new(web).unwrap();
     tokio::spawn(tls.clone().follow());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, accepted) = mpsc::unbounded_channel();
-    let handler: Handler = Arc::new(move |req: InboundRequest| {
-        let tx = tx.clone();
-        async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = tx.send(req.stream.accept().await.map(|_| ()));
-        }
-        .boxed()
-    });
     let (trigger, drain) = hostmesh_meshd::drain::new();
     tokio::spawn(async move {
         // Held for as long as the server runs.
@@ -246,7 +234,24 @@ async fn slow_server(
         )
         .await
     });
-    (addr, accepted)
+    addr
+}
+
+/// A server slower to answer than a caller waits (its app takes a second
+/// to connect to), reporting whether it could still accept.
+async fn slow_server(
+    web: Arc<Identity>,
+) -> (SocketAddr, mpsc::UnboundedReceiver<Result<(), String>>) {
+    let (tx, accepted) = mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |req: InboundRequest| {
+        let tx = tx.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = tx.send(req.stream.accept().await.map(|_| ()));
+        }
+        .boxed()
+    });
+    (server_with(web, handler).await, accepted)
 }
 
 #[tokio::test]
@@ -580,6 +585,20 @@ async fn open_via(
     Ok((spliced(stream).await, kind))
 }
 
+/// Waits until the dedicated pool lists `conns` connections to its one
+/// peer, none carrying a stream (a connection goes idle once the server's
+/// DONE has come).
+async fn idle_soon(t: &Tunnels, conns: usize) {
+    hostmesh_tests::eventually_async("idle connections", Duration::from_secs(10), || async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        match dedicated(t).connections().first() {
+            Some((_, c, 0)) if *c == conns => Ok(()),
+            other => Err(format!("{:?}", other.map(|c| (c.1, c.2)))),
+        }
+    })
+    .await;
+}
+
 /// Half-closes `s` and reads what is left, to EOF.
 async fn finish(mut s: TcpStream) -> Vec<u8> {
     s.shutdown().await.unwrap();
@@ -611,6 +630,7 @@ async fn dedicated_connections_carry_one_stream_at_a_time_and_are_reused() {
     // (many frames, both ways) too.
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     for i in 0..5u8 {
+        idle_soon(&t, 1).await;
         let (mut s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
             .await
             .unwrap();
@@ -627,6 +647,7 @@ async fn dedicated_connections_carry_one_stream_at_a_time_and_are_reused() {
     );
 
     // Three at once need three connections (after the first, new ones)...
+    idle_soon(&t, 1).await;
     let mut open = Vec::new();
     for _ in 0..3 {
         let (s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
@@ -642,14 +663,7 @@ async fn dedicated_connections_carry_one_stream_at_a_time_and_are_reused() {
         assert!(finish(s).await.is_empty());
     }
     // ...which then stay, idle, for the next ones.
-    hostmesh_tests::eventually_async("three idle connections", Duration::from_secs(5), || async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        match dedicated(&t).connections().first() {
-            Some((_, 3, 0)) => Ok(()),
-            other => Err(format!("{:?}", other.map(|c| (c.1, c.2)))),
-        }
-    })
-    .await;
+    idle_soon(&t, 3).await;
     let (mut s, _) = open_via(&t, srv.addr, web.spiffe_id(), app, &[])
         .await
         .unwrap();
@@ -816,4 +830,132 @@ async fn early_bytes_of_a_dedicated_stream_the_caller_gave_up_on_never_reach_the
         .expect("a result");
     let why = late.unwrap_err();
     assert!(why.contains("closed the connection"), "{why}");
+}
+
+#[tokio::test]
+async fn a_connection_is_reused_only_once_the_server_has_delivered_the_whole_stream() {
+    let (_mesh, web, client, _app, srv) = web_and_client().await;
+    // An app that answers at once and closes its side, then reads what it
+    // was sent only a second later (into a small receive buffer).
+    let listener = {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(64 * 1024).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.listen(16).unwrap()
+    };
+    let slow_reader = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"ok").await;
+                let _ = s.shutdown().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    let t = dedicated_tunnels(client.clone(), PoolSettings::default());
+    let (mut s, _) = open_via(&t, srv.addr, web.spiffe_id(), slow_reader, &[])
+        .await
+        .unwrap();
+    // Far more than the app's socket holds while it does not read, less
+    // than all the sockets on the way hold: the caller's side of the
+    // stream ends at once, the server's only once the app reads.
+    let upload = vec![1u8; 6 << 20];
+    let (mut r, mut w) = s.split();
+    let (sent, answer) = tokio::join!(
+        async {
+            w.write_all(&upload).await.unwrap();
+            w.shutdown().await.unwrap();
+        },
+        async {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        }
+    );
+    let () = sent;
+    assert_eq!(answer, b"ok");
+    drop(s);
+    // The caller's side is done; the server's is not (its app has not read
+    // the upload yet), so the connection is not idle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listed = dedicated(&t).connections();
+    assert!(
+        listed.iter().all(|c| c.1 == 0),
+        "{:?}",
+        listed.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>()
+    );
+    // The next stream must not queue behind the rest of that upload: it
+    // gets a connection of its own at once.
+    let started = std::time::Instant::now();
+    let (mut s2, _) = open_via(&t, srv.addr, web.spiffe_id(), slow_reader, &[])
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut got = Vec::new();
+    s2.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), s2.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"ok");
+    assert_eq!(dedicated(&t).handshakes(), 2);
+    // Once the server has delivered it all (DONE), the first connection is
+    // idle again, beside the second.
+    idle_soon(&t, 2).await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_found_dead_on_use_takes_the_others_with_it_and_a_new_one_is_dialled() {
+    let (_mesh, web, client, app, _srv) = web_and_client().await;
+    // A server whose fourth stream finds its connection dead (as after a
+    // restart: closed without an answer); the others are served.
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler: Handler = {
+        let seen = seen.clone();
+        Arc::new(move |req: InboundRequest| {
+            let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 3 {
+                    return; // dropped unanswered: its connection closes
+                }
+                let app = TcpStream::connect(&req.authority).await.unwrap();
+                if let Ok(halves) = req.stream.accept().await {
+                    splice(app, halves, Arc::new(Counters::default()), None).await;
+                }
+            }
+            .boxed()
+        })
+    };
+    let addr = server_with(web.clone(), handler).await;
+    let t = dedicated_tunnels(client.clone(), PoolSettings::default());
+    let mut three = Vec::new();
+    for _ in 0..3 {
+        three.push(
+            open_via(&t, addr, web.spiffe_id(), app, &[])
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    for mut s in three {
+        assert_eq!(round_trip(&mut s, b"x").await, b"x");
+        assert!(finish(s).await.is_empty());
+    }
+    idle_soon(&t, 3).await;
+    let (mut s, kind) = open_via(&t, addr, web.spiffe_id(), app, &[Bytes::from_static(b"a")])
+        .await
+        .expect("the stream succeeds on a new connection");
+    assert_eq!(kind, "dedicated");
+    assert_eq!(round_trip(&mut s, b"b").await, b"a");
+    assert_eq!(finish(s).await, b"b");
+    assert_eq!(dedicated(&t).handshakes(), 4, "one new connection");
+    // The other idle ones were dropped with the dead one: one is left.
+    idle_soon(&t, 1).await;
 }

@@ -30,9 +30,13 @@
 //! | 2 STATUS | server | u16: 200 when connected to the app; else the refusal, and the connection closes |
 //! | 3 DATA | both | 1 to 65,536 bytes of the stream |
 //! | 4 FIN | both | none: the sender's half of the stream is done |
+//! | 5 DONE | server | none: after both FINs, everything the caller sent has reached the app; the connection takes the next OPEN |
 //!
-//! A stream ends cleanly when both sides sent FIN; then the connection is
-//! idle until the next OPEN. Any error ends the connection instead, which
+//! A stream ends cleanly when both sides sent FIN and the server, having
+//! written all the caller sent to its app, sent DONE; only then does the
+//! caller put the connection back on its idle list (without DONE an OPEN
+//! could queue behind the end of the last stream at a server whose app
+//! reads slowly). Any error ends the connection instead, which
 //! the other side sees as the stream aborted. The caller may send DATA
 //! right behind OPEN (the app's first bytes); the server delivers them only
 //! after it connected and answered 200, and drops them with the connection
@@ -73,6 +77,10 @@ const OPEN: u8 = 1;
 const STATUS: u8 = 2;
 const DATA: u8 = 3;
 const FIN: u8 = 4;
+const DONE: u8 = 5;
+/// How long a caller waits for DONE after its stream ended before it
+/// gives the connection up instead of reusing it.
+const DONE_WAIT: Duration = Duration::from_secs(5);
 
 /// The read buffer a connection starts with, and the most it grows to (a
 /// whole 64 KiB frame and its header).
@@ -90,7 +98,7 @@ fn check_header(kind: u8, len: usize) -> Result<(), String> {
         OPEN => (2..=1 + MAX_AUTHORITY + MAX_SERVICE).contains(&len),
         STATUS => len == 2,
         DATA => (1..=MAX_DATA).contains(&len),
-        FIN => len == 0,
+        FIN | DONE => len == 0,
         _ => return Err(format!("unknown frame kind {kind}")),
     };
     if ok {
@@ -140,6 +148,10 @@ fn encode_open(authority: &str, service: &str) -> Result<Vec<u8>, String> {
     Ok(f)
 }
 
+/// A control frame read between streams: its kind and payload, None at
+/// a clean EOF, or what was wrong.
+type ControlFrame = Result<Option<(u8, Vec<u8>)>, String>;
+
 /// What a connection has read and not yet used.
 struct FrameReader {
     buf: Box<[u8]>,
@@ -148,11 +160,20 @@ struct FrameReader {
 }
 
 impl FrameReader {
+    /// Holds no buffer until bytes come (an idle connection waits
+    /// without one; see [`FrameReader::fill`]).
     fn new() -> FrameReader {
         FrameReader {
-            buf: vec![0; READ_START].into_boxed_slice(),
+            buf: Box::default(),
             start: 0,
             end: 0,
+        }
+    }
+
+    /// Lets the buffer go when nothing is in it (between streams).
+    fn release(&mut self) {
+        if self.buffered() == 0 {
+            *self = FrameReader::new();
         }
     }
 
@@ -163,6 +184,9 @@ impl FrameReader {
     /// Makes room at the end: moves what is left to the front, and grows
     /// the buffer (up to [`READ_MAX`]) when the last read filled it.
     fn make_room(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = vec![0; READ_START].into_boxed_slice();
+        }
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -179,8 +203,21 @@ impl FrameReader {
         }
     }
 
-    /// One read from `io`; 0 at EOF.
+    /// One read from `io`; 0 at EOF. Without a buffer (an idle
+    /// connection) the wait is on a small one on the stack, and the buffer
+    /// is taken once bytes have come: thousands of idle connections hold
+    /// no 16 KiB each.
     async fn fill<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> std::io::Result<usize> {
+        if self.buf.is_empty() {
+            let mut first = [0u8; 512];
+            let n = io.read(&mut first).await?;
+            if n > 0 {
+                self.make_room();
+                self.buf[..n].copy_from_slice(&first[..n]);
+                self.end = n;
+            }
+            return Ok(n);
+        }
         self.make_room();
         let n = io.read(&mut self.buf[self.end..]).await?;
         self.end += n;
@@ -189,10 +226,7 @@ impl FrameReader {
 
     /// Reads one whole control frame: its kind and payload. None at a
     /// clean EOF between frames.
-    async fn control<R: AsyncRead + Unpin>(
-        &mut self,
-        io: &mut R,
-    ) -> Result<Option<(u8, Vec<u8>)>, String> {
+    async fn control<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> ControlFrame {
         while self.buffered() < HEADER {
             let n = self.fill(io).await.map_err(|e| e.to_string())?;
             if n == 0 {
@@ -223,6 +257,10 @@ impl FrameReader {
 pub struct TunnelConn {
     io: Box<dyn RawIo>,
     reader: FrameReader,
+    /// The thread (data worker) whose reactor the socket is registered
+    /// with: a caller reuses an idle connection only on that worker, so its
+    /// wake-ups never cross threads.
+    home: std::thread::ThreadId,
 }
 
 impl TunnelConn {
@@ -230,6 +268,7 @@ impl TunnelConn {
         TunnelConn {
             io,
             reader: FrameReader::new(),
+            home: std::thread::current().id(),
         }
     }
 
@@ -239,12 +278,18 @@ impl TunnelConn {
     fn closed_now(&mut self, expect_data: bool) -> bool {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
+        let mut probe = [0u8; 64];
         loop {
-            self.reader.make_room();
-            if self.reader.end == self.reader.buf.len() {
-                return false;
-            }
-            let mut rb = ReadBuf::new(&mut self.reader.buf[self.reader.end..]);
+            let room = if expect_data {
+                self.reader.make_room();
+                if self.reader.end == self.reader.buf.len() {
+                    return false;
+                }
+                &mut self.reader.buf[self.reader.end..]
+            } else {
+                &mut probe[..]
+            };
+            let mut rb = ReadBuf::new(room);
             match Pin::new(&mut self.io).poll_read(&mut cx, &mut rb) {
                 Poll::Pending => return false,
                 Poll::Ready(Err(_)) => return true,
@@ -315,7 +360,7 @@ impl DedicatedStream {
             key,
             guard,
         } = self;
-        let give_back: GiveBack = Box::new(move |c| pool.put_idle(key, c));
+        let give_back: GiveBack = Box::new(move |c| pool.await_done(key, c));
         (
             Halves {
                 conn,
@@ -426,14 +471,46 @@ impl DedicatedPool {
         closed
     }
 
-    fn put_idle(&self, key: PeerKey, mut conn: TunnelConn) {
-        if conn.reader.buffered() > 0 {
-            // Bytes after the server's FIN: not ours to guess at.
+    /// After a clean end of a stream: the connection goes idle once the
+    /// server's DONE comes (in its own small task, so the stream's task
+    /// ends now); anything else, or nothing within [`DONE_WAIT`], closes it.
+    fn await_done(self: Arc<Self>, key: PeerKey, mut conn: TunnelConn) {
+        use futures::FutureExt;
+        // Usually DONE came with the server's FIN, or right behind it.
+        if let Some(done) = conn.reader.control(&mut conn.io).now_or_never() {
+            self.on_done(key, conn, Ok(done));
             return;
         }
-        if conn.reader.buf.len() > READ_START {
-            conn.reader = FrameReader::new();
+        tokio::spawn(async move {
+            let done = tokio::time::timeout(DONE_WAIT, conn.reader.control(&mut conn.io)).await;
+            self.on_done(key, conn, done);
+        });
+    }
+
+    fn on_done(
+        &self,
+        key: PeerKey,
+        conn: TunnelConn,
+        done: Result<ControlFrame, tokio::time::error::Elapsed>,
+    ) {
+        match done {
+            Ok(Ok(Some((DONE, _)))) => self.put_idle(key, conn),
+            Ok(Ok(Some((kind, _)))) => {
+                tracing::debug!(peer = %key.addr, kind, "dedicated tunnel connection: expected DONE");
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {}
+            Err(_) => {
+                tracing::debug!(peer = %key.addr, "dedicated tunnel connection: no DONE in time; closing it");
+            }
         }
+    }
+
+    fn put_idle(&self, key: PeerKey, mut conn: TunnelConn) {
+        if conn.reader.buffered() > 0 {
+            // Bytes after DONE: not ours to guess at.
+            return;
+        }
+        conn.reader.release();
         let mut peers = self.lock();
         let p = peers.entry(key).or_default();
         if p.idle.len() < self.settings.max_idle_per_peer {
@@ -441,18 +518,28 @@ impl DedicatedPool {
         }
     }
 
-    /// The most recently used idle connection to `key` that is still open,
-    /// counted active.
+    /// The most recently used idle connection to `key` of this worker that
+    /// is still open, counted active.
     fn take(&self, key: &PeerKey) -> Option<TunnelConn> {
+        let here = std::thread::current().id();
         let mut peers = self.lock();
         let p = peers.entry(key.clone()).or_default();
-        while let Some((mut c, _)) = p.idle.pop() {
+        while let Some(i) = p.idle.iter().rposition(|(c, _)| c.home == here) {
+            let (mut c, _) = p.idle.remove(i);
             if !c.closed_now(false) {
                 p.active += 1;
                 return Some(c);
             }
         }
         None
+    }
+
+    /// Closes every idle connection to `key`: one turned out dead on use,
+    /// so the peer has likely restarted or gone, and the others with it.
+    fn forget_idle(&self, key: &PeerKey) {
+        if let Some(p) = self.lock().get_mut(key) {
+            p.idle.clear();
+        }
     }
 
     async fn dial(&self, key: &PeerKey) -> Result<TunnelConn, OpenError> {
@@ -516,10 +603,13 @@ impl DedicatedPool {
 
     /// Opens a stream to `authority` at `key`: on an idle connection if
     /// one is open, else on a new one. `early` (the app's first bytes) goes
-    /// right behind the OPEN, in the same TLS record. An idle connection
-    /// the peer closed meanwhile is dropped and the next tried; a stream
-    /// that gets no answer in time ends its connection (the peer then never
-    /// delivers `early`) and fails.
+    /// right behind the OPEN, in the same TLS record. If a reused
+    /// connection turns out closed before answering, the peer never saw the
+    /// stream: every idle connection to it is dropped and one new
+    /// connection tried. A stream that gets no answer in time ends its
+    /// connection and fails; the peer then delivers `early` only if it had
+    /// already connected to its app and answered (the window in
+    /// docs/ARCHITECTURE.md, "The data path", step 4).
     pub async fn open(
         self: &Arc<Self>,
         key: &PeerKey,
@@ -536,10 +626,11 @@ impl DedicatedPool {
                 request.extend_from_slice(part);
             }
         }
-        // Idle connections may have been closed by the peer since; a fresh
-        // one gets one try.
-        for _ in 0..8 {
-            let (mut conn, reused) = match self.take(key) {
+        // An idle connection may have been closed by the peer since; then a
+        // fresh one gets one try.
+        for attempt in 0..2 {
+            let idle = if attempt == 0 { self.take(key) } else { None };
+            let (mut conn, reused) = match idle {
                 Some(c) => (c, true),
                 None => {
                     let c = self.dial(key).await?;
@@ -583,7 +674,10 @@ impl DedicatedPool {
                 }
                 // Closed before answering: on a reused connection the peer
                 // closed it while idle (and never saw this stream).
-                Ok(Ok(None)) | Ok(Err(_)) if reused => continue,
+                Ok(Ok(None)) | Ok(Err(_)) if reused => {
+                    self.forget_idle(key);
+                    continue;
+                }
                 Ok(Ok(None)) => {
                     return Err(TunnelError::Protocol {
                         addr,
@@ -593,6 +687,9 @@ impl DedicatedPool {
                 }
                 Ok(Err(detail)) => return Err(TunnelError::Protocol { addr, detail }.into()),
                 Err(_) => {
+                    if reused {
+                        self.forget_idle(key);
+                    }
                     return Err(TunnelError::Protocol {
                         addr,
                         detail: format!("no answer to CONNECT within {}ms", wait.as_millis()),
@@ -603,7 +700,7 @@ impl DedicatedPool {
         }
         Err(TunnelError::Protocol {
             addr,
-            detail: "every idle connection to the peer was closed".to_string(),
+            detail: "the idle connection to the peer was closed, and so was a new one".to_string(),
         }
         .into())
     }
@@ -662,7 +759,13 @@ pub async fn serve(
         };
         (handler)(req).await;
         match rx.await {
-            Ok(c) => conn = c,
+            Ok(c) => {
+                conn = c;
+                if conn.send(&header(DONE, 0)).await.is_err() {
+                    return;
+                }
+                conn.reader.release();
+            }
             Err(_) => return,
         }
     }
@@ -684,7 +787,7 @@ pub async fn splice(
     let (read, write) = socket.into_split();
     let failure = {
         let (reading, writing, retire) = Guard::split(guard);
-        let TunnelConn { io, reader } = &mut conn;
+        let TunnelConn { io, reader, .. } = &mut conn;
         let (tunnel_read, tunnel_write) = tokio::io::split(io);
         let up = socket_to_conn(read, tunnel_write, &counters, reading);
         let down = conn_to_socket(reader, tunnel_read, write, &counters, writing);

@@ -54,6 +54,8 @@ struct Options {
     workers: usize,
     /// meshd's `proxy.tunnel_congestion` (None: meshd's default, the system's).
     tunnel_congestion: Option<String>,
+    /// meshd's `proxy.tcp_tunnels` (None: meshd's default, dedicated).
+    tcp_tunnels: Option<String>,
     /// meshd's `proxy.sockmap` (None: meshd's default, "auto").
     sockmap: Option<String>,
     /// The test hosts' default TCP congestion control, for every socket of
@@ -143,7 +145,7 @@ impl Pinning {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--sockmap auto|on|off] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--tcp-tunnels dedicated|multiplexed] [--sockmap auto|on|off] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -180,6 +182,7 @@ fn main() {
         rounds: 3,
         workers: 0,
         tunnel_congestion: None,
+        tcp_tunnels: None,
         sockmap: None,
         host_congestion: None,
         oha: PathBuf::from("target/tools/bin/oha"),
@@ -214,6 +217,13 @@ fn main() {
                     usage();
                 }
                 o.sockmap = Some(mode)
+            }
+            "--tcp-tunnels" => {
+                let mode = it.next().unwrap_or_else(|| usage());
+                if !["dedicated", "multiplexed"].contains(&mode.as_str()) {
+                    usage();
+                }
+                o.tcp_tunnels = Some(mode)
             }
             "--tunnel-congestion" => {
                 o.tunnel_congestion = Some(it.next().unwrap_or_else(|| usage()))
@@ -606,10 +616,14 @@ fn run(o: &Options) {
     m.join(CLIENT, "bench/client");
     m.join(CLIENT_QUIC, "bench/client");
     let extra = format!(
-        "{}{}",
+        "{}{}{}",
         o.tunnel_congestion
             .as_ref()
             .map(|c| format!("tunnel_congestion = {c:?}\n"))
+            .unwrap_or_default(),
+        o.tcp_tunnels
+            .as_ref()
+            .map(|t| format!("tcp_tunnels = {t:?}\n"))
             .unwrap_or_default(),
         o.sockmap
             .as_ref()
@@ -976,6 +990,7 @@ fn run(o: &Options) {
         "rounds": rounds,
         "meshd_worker_threads": o.workers,
         "meshd_tunnel_congestion": o.tunnel_congestion,
+        "meshd_tcp_tunnels": o.tcp_tunnels,
         "meshd_sockmap": o.sockmap,
         "host_congestion": host_congestion,
         "cores": cores,
@@ -1708,15 +1723,20 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
             None => "hosts not pinned".to_string(),
         },
         report["host_congestion"].as_str().unwrap_or_default(),
-        match (
-            report["meshd_tunnel_congestion"].as_str(),
-            report["meshd_sockmap"].as_str()
-        ) {
-            (Some(cc), Some(sm)) =>
-                format!(" (meshd's tunnels: {cc}; meshd's proxy.sockmap: {sm})"),
-            (Some(cc), None) => format!(" (meshd's tunnels: {cc})"),
-            (None, Some(sm)) => format!(" (meshd's proxy.sockmap: {sm})"),
-            (None, None) => String::new(),
+        {
+            let notes: Vec<String> = [
+                ("meshd's tunnels", "meshd_tunnel_congestion"),
+                ("meshd's proxy.tcp_tunnels", "meshd_tcp_tunnels"),
+                ("meshd's proxy.sockmap", "meshd_sockmap"),
+            ]
+            .iter()
+            .filter_map(|(what, key)| report[*key].as_str().map(|v| format!("{what}: {v}")))
+            .collect();
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", notes.join("; "))
+            }
         },
         report["kernel"].as_str().unwrap_or_default()
     );
