@@ -32,11 +32,11 @@
 //! | 4 FIN | both | none: the sender's half of the stream is done |
 //! | 5 DONE | server | none: after both FINs, everything the caller sent has reached the app; the connection takes the next OPEN |
 //!
-//! A stream ends cleanly when both sides sent FIN and the server, having
-//! written all the caller sent to its app, sent DONE; only then does the
-//! caller put the connection back on its idle list (without DONE an OPEN
-//! could queue behind the end of the last stream at a server whose app
-//! reads slowly). Any error ends the connection instead, which
+//! A stream ends cleanly when both sides sent FIN; the server, once it has
+//! written all the caller sent to its app, sends DONE, and the caller
+//! reuses the connection only after reading it (without DONE an OPEN could
+//! queue behind the end of the last stream at a server whose app reads
+//! slowly). Any error ends the connection instead, which
 //! the other side sees as the stream aborted. The caller may send DATA
 //! right behind OPEN (the app's first bytes); the server delivers them only
 //! after it connected and answered 200, and drops them with the connection
@@ -78,8 +78,8 @@ const STATUS: u8 = 2;
 const DATA: u8 = 3;
 const FIN: u8 = 4;
 const DONE: u8 = 5;
-/// How long a caller waits for DONE after its stream ended before it
-/// gives the connection up instead of reusing it.
+/// How long after its stream ended a caller keeps a connection whose DONE
+/// has not come; then it closes it instead of reusing it.
 const DONE_WAIT: Duration = Duration::from_secs(5);
 
 /// The read buffer a connection starts with, and the most it grows to (a
@@ -360,7 +360,7 @@ impl DedicatedStream {
             key,
             guard,
         } = self;
-        let give_back: GiveBack = Box::new(move |c| pool.await_done(key, c));
+        let give_back: GiveBack = Box::new(move |c| pool.put_idle(key, c));
         (
             Halves {
                 conn,
@@ -389,8 +389,16 @@ impl Drop for ActiveGuard {
 #[derive(Default)]
 struct PeerConns {
     /// Most recently used last.
-    idle: Vec<(TunnelConn, Instant)>,
+    idle: Vec<Idle>,
     active: usize,
+}
+
+struct Idle {
+    conn: TunnelConn,
+    /// When its last stream ended.
+    since: Instant,
+    /// Its DONE has been read.
+    done: bool,
 }
 
 /// Why a dedicated stream could not be opened.
@@ -464,71 +472,72 @@ impl DedicatedPool {
         let mut closed = 0;
         self.lock().retain(|_, p| {
             let before = p.idle.len();
-            p.idle.retain(|(_, since)| since.elapsed() < timeout);
+            p.idle.retain(|i| i.since.elapsed() < timeout);
             closed += before - p.idle.len();
             !p.idle.is_empty() || p.active > 0
         });
         closed
     }
 
-    /// After a clean end of a stream: the connection goes idle once the
-    /// server's DONE comes (in its own small task, so the stream's task
-    /// ends now); anything else, or nothing within [`DONE_WAIT`], closes it.
-    fn await_done(self: Arc<Self>, key: PeerKey, mut conn: TunnelConn) {
-        use futures::FutureExt;
-        // Usually DONE came with the server's FIN, or right behind it.
-        if let Some(done) = conn.reader.control(&mut conn.io).now_or_never() {
-            self.on_done(key, conn, Ok(done));
-            return;
-        }
-        tokio::spawn(async move {
-            let done = tokio::time::timeout(DONE_WAIT, conn.reader.control(&mut conn.io)).await;
-            self.on_done(key, conn, done);
-        });
-    }
-
-    fn on_done(
-        &self,
-        key: PeerKey,
-        conn: TunnelConn,
-        done: Result<ControlFrame, tokio::time::error::Elapsed>,
-    ) {
-        match done {
-            Ok(Ok(Some((DONE, _)))) => self.put_idle(key, conn),
-            Ok(Ok(Some((kind, _)))) => {
-                tracing::debug!(peer = %key.addr, kind, "dedicated tunnel connection: expected DONE");
-            }
-            Ok(Ok(None)) | Ok(Err(_)) => {}
-            Err(_) => {
-                tracing::debug!(peer = %key.addr, "dedicated tunnel connection: no DONE in time; closing it");
-            }
-        }
-    }
-
+    /// After a clean end of a stream the connection joins the idle list
+    /// at once, waiting for the server's DONE; [`DedicatedPool::take`]
+    /// reads that when it considers the connection (no task, no wake-up
+    /// per stream: DONE waits in the socket until then).
     fn put_idle(&self, key: PeerKey, mut conn: TunnelConn) {
-        if conn.reader.buffered() > 0 {
-            // Bytes after DONE: not ours to guess at.
-            return;
-        }
         conn.reader.release();
         let mut peers = self.lock();
         let p = peers.entry(key).or_default();
         if p.idle.len() < self.settings.max_idle_per_peer {
-            p.idle.push((conn, Instant::now()));
+            p.idle.push(Idle {
+                conn,
+                since: Instant::now(),
+                done: false,
+            });
         }
     }
 
     /// The most recently used idle connection to `key` of this worker that
-    /// is still open, counted active.
+    /// is ready (its DONE has come, nothing else has) and still open,
+    /// counted active. One still waiting for DONE is passed over (and
+    /// closed once [`DONE_WAIT`] has gone by); one the peer closed, or that
+    /// got anything but DONE, is closed.
     fn take(&self, key: &PeerKey) -> Option<TunnelConn> {
+        use futures::FutureExt;
         let here = std::thread::current().id();
         let mut peers = self.lock();
         let p = peers.entry(key.clone()).or_default();
-        while let Some(i) = p.idle.iter().rposition(|(c, _)| c.home == here) {
-            let (mut c, _) = p.idle.remove(i);
-            if !c.closed_now(false) {
-                p.active += 1;
-                return Some(c);
+        let mut i = p.idle.len();
+        while i > 0 {
+            i -= 1;
+            let idle = &mut p.idle[i];
+            if idle.conn.home != here {
+                continue;
+            }
+            let c = &mut idle.conn;
+            let usable = if idle.done {
+                Some(!c.closed_now(false))
+            } else {
+                match c.reader.control(&mut c.io).now_or_never() {
+                    Some(Ok(Some((DONE, _)))) if c.reader.buffered() == 0 => {
+                        idle.done = true;
+                        Some(!c.closed_now(false))
+                    }
+                    Some(_) => Some(false),
+                    None if idle.since.elapsed() > DONE_WAIT => Some(false),
+                    None => None,
+                }
+            };
+            match usable {
+                Some(true) => {
+                    let mut c = p.idle.remove(i).conn;
+                    c.reader.release();
+                    p.active += 1;
+                    return Some(c);
+                }
+                Some(false) => {
+                    p.idle.remove(i);
+                }
+                None => {}
             }
         }
         None
