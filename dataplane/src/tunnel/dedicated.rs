@@ -272,30 +272,24 @@ impl TunnelConn {
         }
     }
 
-    /// Reads what has arrived without waiting: true when the peer has
-    /// closed the connection (EOF or an error). When `expect_data` is
-    /// false, any bytes count as closed too (an idle connection gets none).
-    fn closed_now(&mut self, expect_data: bool) -> bool {
+    /// Reads what has arrived without waiting (into the buffer, kept for
+    /// the stream): true when the peer has closed the connection (EOF or
+    /// an error).
+    fn closed_now(&mut self) -> bool {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        let mut probe = [0u8; 64];
         loop {
-            let room = if expect_data {
-                self.reader.make_room();
-                if self.reader.end == self.reader.buf.len() {
-                    return false;
-                }
-                &mut self.reader.buf[self.reader.end..]
-            } else {
-                &mut probe[..]
-            };
-            let mut rb = ReadBuf::new(room);
+            self.reader.make_room();
+            if self.reader.end == self.reader.buf.len() {
+                return false;
+            }
+            let mut rb = ReadBuf::new(&mut self.reader.buf[self.reader.end..]);
             match Pin::new(&mut self.io).poll_read(&mut cx, &mut rb) {
                 Poll::Pending => return false,
                 Poll::Ready(Err(_)) => return true,
                 Poll::Ready(Ok(())) => {
                     let n = rb.filled().len();
-                    if n == 0 || !expect_data {
+                    if n == 0 {
                         return true;
                     }
                     self.reader.end += n;
@@ -330,7 +324,7 @@ impl TunnelConn {
     /// Whether the caller has given up on the stream it opened (closed the
     /// connection), seen without waiting; the bytes it sent stay buffered.
     pub fn caller_gave_up(&mut self) -> bool {
-        self.closed_now(true)
+        self.closed_now()
     }
 }
 
@@ -397,8 +391,6 @@ struct Idle {
     conn: TunnelConn,
     /// When its last stream ended.
     since: Instant,
-    /// Its DONE has been read.
-    done: bool,
 }
 
 /// Why a dedicated stream could not be opened.
@@ -491,16 +483,15 @@ impl DedicatedPool {
             p.idle.push(Idle {
                 conn,
                 since: Instant::now(),
-                done: false,
             });
         }
     }
 
     /// The most recently used idle connection to `key` of this worker that
-    /// is ready (its DONE has come, nothing else has) and still open,
-    /// counted active. One still waiting for DONE is passed over (and
-    /// closed once [`DONE_WAIT`] has gone by); one the peer closed, or that
-    /// got anything but DONE, is closed.
+    /// is ready (its DONE has come, nothing else has), counted active. One
+    /// still waiting for DONE is passed over (and closed once [`DONE_WAIT`]
+    /// has gone by); one the peer closed, or that got anything but DONE, is
+    /// closed.
     fn take(&self, key: &PeerKey) -> Option<TunnelConn> {
         use futures::FutureExt;
         let here = std::thread::current().id();
@@ -514,18 +505,14 @@ impl DedicatedPool {
                 continue;
             }
             let c = &mut idle.conn;
-            let usable = if idle.done {
-                Some(!c.closed_now(false))
-            } else {
-                match c.reader.control(&mut c.io).now_or_never() {
-                    Some(Ok(Some((DONE, _)))) if c.reader.buffered() == 0 => {
-                        idle.done = true;
-                        Some(!c.closed_now(false))
-                    }
-                    Some(_) => Some(false),
-                    None if idle.since.elapsed() > DONE_WAIT => Some(false),
-                    None => None,
-                }
+            // DONE read now (no wait: it has come, or this one is passed
+            // over). A peer that closed the connection after it is found
+            // out by the OPEN, and `open` tries a new connection then.
+            let usable = match c.reader.control(&mut c.io).now_or_never() {
+                Some(Ok(Some((DONE, _)))) => Some(c.reader.buffered() == 0),
+                Some(_) => Some(false),
+                None if idle.since.elapsed() > DONE_WAIT => Some(false),
+                None => None,
             };
             match usable {
                 Some(true) => {
