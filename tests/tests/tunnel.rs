@@ -254,6 +254,29 @@ async fn slow_server(
     (server_with(web, handler).await, accepted)
 }
 
+/// A caller opening a stream through a [`slow_server`] stops waiting in
+/// time and says so; the server, when it gets to answering, must not
+/// deliver (the caller is free to try elsewhere). Returns how the server
+/// found out.
+async fn gives_up_in_time<T>(
+    open: impl std::future::Future<Output = Result<T, TunnelError>>,
+    accepted: &mut mpsc::UnboundedReceiver<Result<(), String>>,
+) -> String {
+    let started = std::time::Instant::now();
+    let err = open.await.map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let late = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
+        .await
+        .expect("the server to get to its answer")
+        .expect("a result");
+    late.unwrap_err()
+}
+
 #[tokio::test]
 async fn bytes_cross_both_ways_with_half_close_and_the_server_knows_the_caller() {
     let (_mesh, web, client, app, mut srv) = web_and_client().await;
@@ -512,29 +535,16 @@ async fn early_bytes_of_a_stream_the_caller_gave_up_on_never_reach_the_app() {
         addr,
         identity: Arc::new(web.spiffe_id().clone()),
     };
-    let started = std::time::Instant::now();
-    let err = pool
-        .open(
+    let why = gives_up_in_time(
+        pool.open(
             &key,
             "127.0.0.1:9",
             "web.shop",
             &[Bytes::from_static(b"POST /pay")],
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err();
-    assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
-    // The caller is free to try elsewhere: this server must not deliver.
-    let late = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
-        .await
-        .expect("the server to get to its answer")
-        .expect("a result");
-    let why = late.unwrap_err();
+        ),
+        &mut accepted,
+    )
+    .await;
     assert!(why.contains("reset") || why.contains("gone"), "{why}");
 }
 
@@ -806,30 +816,18 @@ async fn early_bytes_of_a_dedicated_stream_the_caller_gave_up_on_never_reach_the
         addr,
         identity: Arc::new(web.spiffe_id().clone()),
     };
-    let started = std::time::Instant::now();
-    let err = t
-        .open(
+    let why = gives_up_in_time(
+        t.open(
             &key,
             false,
             Transport::Tcp,
             "127.0.0.1:9",
             "web.shop",
             &[Bytes::from_static(b"POST /pay")],
-        )
-        .await
-        .map(|_| ())
-        .unwrap_err();
-    assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
-    let late = tokio::time::timeout(Duration::from_secs(5), accepted.recv())
-        .await
-        .expect("the server to get to its answer")
-        .expect("a result");
-    let why = late.unwrap_err();
+        ),
+        &mut accepted,
+    )
+    .await;
     assert!(why.contains("closed the connection"), "{why}");
 }
 

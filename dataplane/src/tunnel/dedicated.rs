@@ -53,7 +53,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_rustls::TlsConnector;
 
 use super::hbone::PoolSettings;
 use super::splice::{Counters, RawIo, ReadSize, Side, SpliceEnd, both_ways, noting_wait};
@@ -540,48 +539,9 @@ impl DedicatedPool {
 
     async fn dial(&self, key: &PeerKey) -> Result<TunnelConn, OpenError> {
         let addr = key.addr;
-        let timeout = self.settings.connect_timeout;
-        let tcp = match tokio::time::timeout(
-            timeout,
-            hostmesh_api::connect::connect_marked(addr, self.settings.mark),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(TunnelError::Connect { addr, source }.into()),
-            Err(_) => {
-                return Err(TunnelError::ConnectTimeout {
-                    addr,
-                    ms: timeout.as_millis(),
-                }
-                .into());
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        keepalive(&tcp);
-        super::set_congestion(&tcp, self.settings.congestion.as_deref());
         let config = self.tls.client_dedicated(&key.identity)?;
-        let server_name = hostmesh_api::tls::server_name_for(&key.identity);
-        let handshake = TlsConnector::from(config).connect(server_name, tcp);
-        let mut tls = match tokio::time::timeout(timeout, handshake).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return Err(TunnelError::Handshake {
-                    addr,
-                    identity: key.identity.to_string(),
-                    detail: e.to_string(),
-                }
-                .into());
-            }
-            Err(_) => {
-                return Err(TunnelError::Handshake {
-                    addr,
-                    identity: key.identity.to_string(),
-                    detail: format!("no handshake within {}ms", timeout.as_millis()),
-                }
-                .into());
-            }
-        };
+        let tls = super::dial_tls(key, &self.settings, config).await?;
+        keepalive(tls.get_ref().0);
         self.handshakes.fetch_add(1, Ordering::Relaxed);
         if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
             self.h2_only
@@ -591,9 +551,6 @@ impl DedicatedPool {
             tracing::info!(peer = %addr, "peer does not offer dedicated tunnel connections; using HTTP/2 for it");
             return Err(OpenError::NotOffered);
         }
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
         Ok(TunnelConn::new(Box::new(tls)))
     }
 

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use tokio_rustls::TlsConnector;
 
 use super::{PeerKey, TlsConfigs, TunnelError};
 
@@ -214,49 +213,9 @@ impl Pool {
 
     async fn dial(&self, key: &PeerKey) -> Result<Arc<Conn>, TunnelError> {
         let addr = key.addr;
-        let timeout = self.settings.connect_timeout;
-        let tcp = match tokio::time::timeout(
-            timeout,
-            hostmesh_api::connect::connect_marked(addr, self.settings.mark),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(TunnelError::Connect { addr, source }),
-            Err(_) => {
-                return Err(TunnelError::ConnectTimeout {
-                    addr,
-                    ms: timeout.as_millis(),
-                });
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        super::set_congestion(&tcp, self.settings.congestion.as_deref());
         let config = self.tls.client_for(&key.identity)?;
-        let connector = TlsConnector::from(config);
-        let server_name = hostmesh_api::tls::server_name_for(&key.identity);
-        let mut tls = match tokio::time::timeout(timeout, connector.connect(server_name, tcp)).await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                return Err(TunnelError::Handshake {
-                    addr,
-                    identity: key.identity.to_string(),
-                    detail: e.to_string(),
-                });
-            }
-            Err(_) => {
-                return Err(TunnelError::Handshake {
-                    addr,
-                    identity: key.identity.to_string(),
-                    detail: format!("no handshake within {}ms", timeout.as_millis()),
-                });
-            }
-        };
+        let tls = super::dial_tls(key, &self.settings, config).await?;
         self.handshakes.fetch_add(1, Ordering::Relaxed);
-        tls.get_mut()
-            .1
-            .set_buffer_limit(Some(super::TLS_SEND_BUFFER));
         let mut builder = h2::client::Builder::new();
         builder
             .initial_window_size(self.settings.stream_window)

@@ -297,6 +297,56 @@ impl Stream {
 /// one of 31 bytes).
 pub const TLS_SEND_BUFFER: usize = 256 * 1024;
 
+/// Connects to `key` and completes a TLS handshake with `config`, each
+/// within the pool's connect timeout; the socket gets TCP_NODELAY and the
+/// configured congestion control, the session [`TLS_SEND_BUFFER`].
+pub(crate) async fn dial_tls(
+    key: &PeerKey,
+    settings: &hbone::PoolSettings,
+    config: Arc<ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
+    let addr = key.addr;
+    let timeout = settings.connect_timeout;
+    let tcp = match tokio::time::timeout(
+        timeout,
+        hostmesh_api::connect::connect_marked(addr, settings.mark),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(TunnelError::Connect { addr, source }),
+        Err(_) => {
+            return Err(TunnelError::ConnectTimeout {
+                addr,
+                ms: timeout.as_millis(),
+            });
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    set_congestion(&tcp, settings.congestion.as_deref());
+    let server_name = hostmesh_api::tls::server_name_for(&key.identity);
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp);
+    let mut tls = match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            return Err(TunnelError::Handshake {
+                addr,
+                identity: key.identity.to_string(),
+                detail: e.to_string(),
+            });
+        }
+        Err(_) => {
+            return Err(TunnelError::Handshake {
+                addr,
+                identity: key.identity.to_string(),
+                detail: format!("no handshake within {}ms", timeout.as_millis()),
+            });
+        }
+    };
+    tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+    Ok(tls)
+}
+
 /// Sets a tunnel socket's TCP congestion control (`proxy.tunnel_congestion`
 /// in meshd.toml); on failure the system's default stays, with a warning.
 pub fn set_congestion(socket: &tokio::net::TcpStream, name: Option<&str>) {
