@@ -196,21 +196,26 @@ impl TlsConfigs {
         if let Some(cfg) = guard.1.get(&key) {
             return Ok(cfg.clone());
         }
-        let alpn: &[&[u8]] = if dedicated {
-            &[dedicated::ALPN, ALPN_HBONE]
-        } else {
-            &[ALPN_HBONE]
-        };
         let verifier = Arc::new(SpiffeServerVerifier::new(
             self.identity.bundle(),
             Expect::Exactly(peer.clone()),
         ));
         let cfg = Arc::new(
-            tls::client_config(verifier, Some(self.identity.cert()), alpn)
+            tls::client_config(verifier, Some(self.identity.cert()), offered(dedicated))
                 .map_err(|e| TunnelError::Config(e.to_string()))?,
         );
         guard.1.insert(key, cfg.clone());
         Ok(cfg)
+    }
+}
+
+/// The ALPN protocols a tunnel end offers, in order of preference (a
+/// rustls server picks the first of its own the client also offers).
+fn offered(dedicated: bool) -> &'static [&'static [u8]] {
+    if dedicated {
+        &[dedicated::ALPN, ALPN_HBONE]
+    } else {
+        &[ALPN_HBONE]
     }
 }
 
@@ -220,13 +225,7 @@ fn build_server(identity: &Identity, dedicated: bool) -> Result<ServerConfig, Tu
         Expect::TrustDomain,
         true,
     ));
-    // The server picks the first of its own it is offered.
-    let alpn: &[&[u8]] = if dedicated {
-        &[dedicated::ALPN, ALPN_HBONE]
-    } else {
-        &[ALPN_HBONE]
-    };
-    tls::server_config(identity.cert(), verifier, alpn)
+    tls::server_config(identity.cert(), verifier, offered(dedicated))
         .map_err(|e| TunnelError::Config(e.to_string()))
 }
 
