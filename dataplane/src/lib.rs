@@ -2,8 +2,10 @@
 //!
 //! `proxy/` carries captured connections (outbound: pick an endpoint;
 //! inbound: check and deliver); `tunnel/` is the mTLS transport between
-//! hosts (HTTP/2 CONNECT over TCP, or QUIC); `sockmap/` the optional
-//! kernel socket redirection; `mesh/` the config in use; `identity/` the
+//! hosts (over TCP, a TLS connection per app connection or HTTP/2
+//! CONNECT streams; or QUIC); `sockmap/` the optional
+//! kernel socket redirection; `sched` the scheduler slice the data
+//! workers ask for; `mesh/` the config in use; `identity/` the
 //! host certificate the tunnels present, and its renewal; `workers` and
 //! `drain` the runtimes and shutdown they run on.
 //!
@@ -16,6 +18,7 @@ pub mod drain;
 pub mod identity;
 pub mod mesh;
 pub mod proxy;
+pub mod sched;
 pub mod sockmap;
 pub mod tunnel;
 pub mod workers;

@@ -92,7 +92,9 @@ pub struct WorkerThreads {
 }
 
 impl WorkerThreads {
-    pub fn start(count: usize) -> std::io::Result<WorkerThreads> {
+    /// Starts `count` workers, each asking for `slice` as its scheduler
+    /// slice (zero: the kernel's default; [`crate::sched`]).
+    pub fn start(count: usize, slice: std::time::Duration) -> std::io::Result<WorkerThreads> {
         let mut w = WorkerThreads {
             handles: Vec::new(),
             stop: Vec::new(),
@@ -109,6 +111,10 @@ impl WorkerThreads {
                 std::thread::Builder::new()
                     .name(format!("meshd-data-{i}"))
                     .spawn(move || {
+                        match crate::sched::request_slice(slice) {
+                            Ok(got) => tracing::debug!(worker = i, slice = %got, "scheduler slice"),
+                            Err(e) => tracing::warn!(worker = i, error = %e, "the data worker keeps the kernel's scheduler slice"),
+                        }
                         runtime.block_on(async {
                             let _ = stopped.await;
                         });
@@ -138,7 +144,7 @@ mod tests {
 
     #[test]
     fn connections_go_round_robin_and_keep_working_on_their_worker() {
-        let threads = WorkerThreads::start(2).expect("workers");
+        let threads = WorkerThreads::start(2, std::time::Duration::ZERO).expect("workers");
         let main = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

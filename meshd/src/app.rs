@@ -54,6 +54,9 @@ pub struct Runtimes {
     /// that take connections from the accept loops in turn.
     pub workers: Vec<Handle>,
     pub control: Handle,
+    /// The scheduler slice the data workers got (`proxy.scheduler_slice`),
+    /// as `meshd status` shows it.
+    pub data_slice: String,
 }
 
 pub struct Meshd {
@@ -621,6 +624,7 @@ impl Meshd {
             tunnels: tunnels.clone(),
             capture: capture_rx,
             sockmap: sockmap.clone(),
+            scheduler_slice: rt.data_slice.clone(),
             config_json: serde_json::to_value(&config).unwrap_or_default(),
         });
         rt.control

@@ -180,6 +180,14 @@ pub struct ProxySection {
     /// unless told to, and it is experimental (`dataplane/src/sockmap`, Limits;
     /// figures in docs/BENCHMARKS.md).
     pub sockmap: SockmapMode,
+    /// The scheduler slice each data worker thread asks the kernel for
+    /// (Linux 6.12+; older kernels keep their default and `meshd status`
+    /// says so). Short slices get a woken worker onto its core sooner when
+    /// an app is running there; its share of the CPU is unchanged. "0s"
+    /// leaves the kernel's default; otherwise 100us to 100ms
+    /// (dataplane/src/sched.rs; figures in docs/BENCHMARKS.md, "Scheduler
+    /// slice").
+    pub scheduler_slice: Dur,
 }
 
 /// `proxy.tcp_tunnels`.
@@ -269,6 +277,7 @@ impl Default for ProxySection {
             tunnel_congestion: None,
             tcp_tunnels: TcpTunnels::Dedicated,
             sockmap: SockmapMode::Off,
+            scheduler_slice: Dur(Duration::from_micros(100)),
         }
     }
 }
@@ -437,6 +446,19 @@ impl MeshdConfig {
         if self.proxy.worker_threads > 256 {
             return Err(invalid("proxy.worker_threads", "at most 256"));
         }
+        let slice = self.proxy.scheduler_slice.get();
+        if !slice.is_zero()
+            && !(hostmesh_dataplane::sched::MIN_SLICE..=hostmesh_dataplane::sched::MAX_SLICE)
+                .contains(&slice)
+        {
+            return Err(invalid(
+                "proxy.scheduler_slice",
+                format!(
+                    "{} is outside 100us..100ms (\"0s\" leaves the kernel's default)",
+                    self.proxy.scheduler_slice
+                ),
+            ));
+        }
         if let Some(cc) = &self.proxy.tunnel_congestion {
             check_congestion(cc, available_congestion().as_deref())?;
         }
@@ -522,6 +544,14 @@ mod tests {
                 "health.timeout:",
             ),
             ("[controller]\nurl = \"http://x\"", "controller.url:"),
+            (
+                "[proxy]\nscheduler_slice = \"50us\"",
+                "proxy.scheduler_slice:",
+            ),
+            (
+                "[proxy]\nscheduler_slice = \"1s\"",
+                "proxy.scheduler_slice:",
+            ),
         ] {
             let e = MeshdConfig::from_toml(text, "t")
                 .unwrap()
@@ -530,6 +560,29 @@ mod tests {
                 .to_string();
             assert!(e.starts_with(want), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn the_scheduler_slice_is_100us_unless_set_and_0s_leaves_the_kernels() {
+        let cfg = MeshdConfig::from_toml("", "t").unwrap();
+        assert_eq!(cfg.proxy.scheduler_slice.get(), Duration::from_micros(100));
+        for (text, want) in [
+            ("0s", Duration::ZERO),
+            ("100ms", Duration::from_millis(100)),
+            ("250us", Duration::from_micros(250)),
+        ] {
+            let cfg =
+                MeshdConfig::from_toml(&format!("[proxy]\nscheduler_slice = \"{text}\"\n"), "t")
+                    .unwrap();
+            cfg.validate().unwrap();
+            assert_eq!(cfg.proxy.scheduler_slice.get(), want);
+        }
+        let e = MeshdConfig::from_toml("[proxy]\nscheduler_slice = \"99us\"\n", "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("99us is outside 100us..100ms"), "{e}");
     }
 
     #[test]

@@ -19,4 +19,4 @@ pub mod health;
 pub mod identity;
 pub mod liveness;
 
-pub use hostmesh_dataplane::{drain, mesh, proxy, sockmap, tunnel, workers};
+pub use hostmesh_dataplane::{drain, mesh, proxy, sched, sockmap, tunnel, workers};

@@ -226,12 +226,26 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     // requests/s on 32 connections than tokio's multi-thread scheduler
     // (docs/BENCHMARKS.md).
     let workers = config.proxy.data_workers();
+    // This thread is the first data worker; each further one asks for the
+    // same slice on its own thread (dataplane/src/sched.rs).
+    let slice = config.proxy.scheduler_slice.get();
+    let data_slice = match hostmesh_meshd::sched::request_slice(slice) {
+        Ok(got) => {
+            tracing::info!(slice = %got, "data workers' scheduler slice");
+            got.to_string()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the data workers keep the kernel's scheduler slice");
+            format!("the kernel's default: {e}")
+        }
+    };
     let data = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting the data runtime: {e}"))?;
-    let worker_threads = hostmesh_meshd::workers::WorkerThreads::start(workers.saturating_sub(1))
-        .map_err(|e| format!("starting the data worker threads: {e}"))?;
+    let worker_threads =
+        hostmesh_meshd::workers::WorkerThreads::start(workers.saturating_sub(1), slice)
+            .map_err(|e| format!("starting the data worker threads: {e}"))?;
     let worker_handles = worker_threads.handles();
     let worker_handles_for_watchdog = worker_handles.clone();
     let control = tokio::runtime::Builder::new_current_thread()
@@ -256,6 +270,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
                 data: tokio::runtime::Handle::current(),
                 workers: worker_handles,
                 control: control_handle.clone(),
+                data_slice,
             },
         )
         .await
@@ -422,6 +437,12 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
                 ));
             }
             out.push('\n');
+        }
+        if v.pointer("/schedulerSlice").is_some() {
+            out.push_str(&format!(
+                "scheduler:   data workers' slice {}\n",
+                s("/schedulerSlice")
+            ));
         }
     }
     print_out(&out);

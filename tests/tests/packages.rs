@@ -557,6 +557,27 @@ fn deb_installs_offline_joins_with_the_printed_line_runs_hardened_and_purges_cle
     );
     let status = c.sh_ok("meshd status");
     assert!(status.contains("ready:       true"), "{status}");
+    // The unit's system call filter lets the data worker ask for its
+    // scheduler slice (sched_setattr is in @system-service); custom slices
+    // need Linux 6.12.
+    let release = c.sh_ok("uname -r");
+    let mut version = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    if (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 12) {
+        assert!(
+            status.contains("scheduler:   data workers' slice 100 µs"),
+            "{status}"
+        );
+        let sched = c.sh_ok(&format!("cat /proc/{pid}/sched"));
+        assert!(
+            sched
+                .lines()
+                .any(|l| l.starts_with("se.slice") && l.trim_end().ends_with(" 100000")),
+            "{sched}"
+        );
+    }
     let exposure = c.sh_ok("systemd-analyze security --no-pager meshd.service | tail -n 1");
     eprintln!(
         "packages test: meshd from the .deb serves, web.shop.mesh is {vip}; {}",

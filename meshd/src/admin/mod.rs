@@ -42,6 +42,8 @@ pub struct AdminState {
     pub capture: watch::Receiver<CaptureStatus>,
     /// Socket redirection between apps and meshd.
     pub sockmap: crate::app::SockmapStatus,
+    /// The data workers' scheduler slice, in words.
+    pub scheduler_slice: String,
     pub config_json: Value,
 }
 
@@ -274,6 +276,7 @@ fn status_json(state: &AdminState) -> Value {
         "captureVersion": state.capture.borrow().version,
         "tunnels": tunnels,
         "sockmap": sockmap_json(&state.sockmap),
+        "schedulerSlice": state.scheduler_slice,
         "settings": state.config_json,
     })
 }

@@ -56,8 +56,10 @@ struct Options {
     tunnel_congestion: Option<String>,
     /// meshd's `proxy.tcp_tunnels` (None: meshd's default, dedicated).
     tcp_tunnels: Option<String>,
-    /// meshd's `proxy.sockmap` (None: meshd's default, "auto").
+    /// meshd's `proxy.sockmap` (None: meshd's default, "off").
     sockmap: Option<String>,
+    /// meshd's `proxy.scheduler_slice` (None: meshd's default, 100us).
+    scheduler_slice: Option<String>,
     /// The test hosts' default TCP congestion control, for every socket of
     /// every setup (None: what the machine's namespace has).
     host_congestion: Option<String>,
@@ -145,7 +147,7 @@ impl Pinning {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--tcp-tunnels dedicated|multiplexed] [--sockmap auto|on|off] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
+        "usage: bench-dataplane [--bin-dir DIR] [--seconds N] [--rounds N] [--workers N] [--tunnel-congestion NAME] [--tcp-tunnels dedicated|multiplexed] [--sockmap auto|on|off] [--scheduler-slice DURATION] [--host-congestion NAME] [--oha PATH] [--out-dir DIR] [--update-docs docs/BENCHMARKS.md] [--no-pin] [--hold SECONDS]\n       bench-dataplane echo-server PORT\n       bench-dataplane rtt-client ADDR SIZE COUNT"
     );
     std::process::exit(2);
 }
@@ -183,6 +185,7 @@ fn main() {
         workers: 0,
         tunnel_congestion: None,
         tcp_tunnels: None,
+        scheduler_slice: None,
         sockmap: None,
         host_congestion: None,
         oha: PathBuf::from("target/tools/bin/oha"),
@@ -218,6 +221,7 @@ fn main() {
                 }
                 o.sockmap = Some(mode)
             }
+            "--scheduler-slice" => o.scheduler_slice = Some(it.next().unwrap_or_else(|| usage())),
             "--tcp-tunnels" => {
                 let mode = it.next().unwrap_or_else(|| usage());
                 if !["dedicated", "multiplexed"].contains(&mode.as_str()) {
@@ -616,7 +620,7 @@ fn run(o: &Options) {
     m.join(CLIENT, "bench/client");
     m.join(CLIENT_QUIC, "bench/client");
     let extra = format!(
-        "{}{}{}",
+        "{}{}{}{}",
         o.tunnel_congestion
             .as_ref()
             .map(|c| format!("tunnel_congestion = {c:?}\n"))
@@ -628,6 +632,10 @@ fn run(o: &Options) {
         o.sockmap
             .as_ref()
             .map(|m| format!("sockmap = {m:?}\n"))
+            .unwrap_or_default(),
+        o.scheduler_slice
+            .as_ref()
+            .map(|d| format!("scheduler_slice = {d:?}\n"))
             .unwrap_or_default()
     );
     start_quiet_meshd(&mut m, SERVER, "tcp", o.workers, &extra);
@@ -992,6 +1000,7 @@ fn run(o: &Options) {
         "meshd_tunnel_congestion": o.tunnel_congestion,
         "meshd_tcp_tunnels": o.tcp_tunnels,
         "meshd_sockmap": o.sockmap,
+        "meshd_scheduler_slice": o.scheduler_slice,
         "host_congestion": host_congestion,
         "cores": cores,
         "pinned": pinning.as_ref().map(|p| json!({"client_cpus": p.client, "server_cpus": p.server})),
@@ -1728,6 +1737,7 @@ fn update_docs(path: &Path, table: &str, report: &Value) {
                 ("meshd's tunnels", "meshd_tunnel_congestion"),
                 ("meshd's proxy.tcp_tunnels", "meshd_tcp_tunnels"),
                 ("meshd's proxy.sockmap", "meshd_sockmap"),
+                ("meshd's proxy.scheduler_slice", "meshd_scheduler_slice"),
             ]
             .iter()
             .filter_map(|(what, key)| report[*key].as_str().map(|v| format!("{what}: {v}")))
