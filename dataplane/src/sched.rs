@@ -9,12 +9,12 @@
 //! It changes when a thread runs, not how much: its share of the CPU is
 //! still set by its weight (nice). That is the shape of a proxy's work, a
 //! few µs to tens of µs per wake-up, each one holding up a request: with
-//! the kernel's default slice (0.7–3 ms, scaled by the core count) a
+//! the kernel's default slice (0.7–2.8 ms, scaled by the core count) a
 //! worker woken while an app runs on its core may wait for that app's
 //! slice to end. Measured (docs/BENCHMARKS.md, "Scheduler slice"): at a
-//! fixed 1,000 requests/s, 100 µs took 5–7% off meshd's added p50 and p90
-//! and 2–8% off its p99, with requests/s, bulk and CPU per request
-//! unchanged.
+//! fixed 1,000 requests/s on 16 connections, 100 µs took 10–14 µs (15–19%)
+//! off meshd's added p50, 6–12% off its p90 and 2–8% off its p99, with
+//! requests/s, bulk and CPU per request unchanged.
 //!
 //! Kernels before 6.12 take the call and ignore the field; that is found
 //! by reading the slice back ([`Slice::Ignored`]). Only threads under the
@@ -68,13 +68,15 @@ impl std::fmt::Display for Slice {
                 f,
                 "the kernel's default (the thread runs under scheduling policy {p}, not the fair one)"
             ),
-            Slice::Default(d) => {
-                write!(
-                    f,
-                    "the kernel's default, {} µs (proxy.scheduler_slice = \"0s\")",
-                    d.as_micros()
-                )
+            // Kernels before 6.12 report no slice for a fair thread.
+            Slice::Default(d) if d.is_zero() => {
+                f.write_str("the kernel's default (proxy.scheduler_slice = \"0s\")")
             }
+            Slice::Default(d) => write!(
+                f,
+                "the kernel's default, {} µs (proxy.scheduler_slice = \"0s\")",
+                d.as_micros()
+            ),
         }
     }
 }
@@ -109,8 +111,8 @@ fn set_attr(attr: &SchedAttr) -> Result<(), std::io::Error> {
     Ok(())
 }
 
-/// Asks for `slice` on the calling thread (zero: leave the kernel's
-/// default) and says what it came to. Nice, policy and flags stay as they
+/// Asks for `slice` on the calling thread (zero: the kernel's default,
+/// also for a thread that inherited another) and says what it came to. Nice, policy and flags stay as they
 /// were; an error names the system call that failed.
 pub fn request_slice(slice: Duration) -> Result<Slice, String> {
     let mut attr = get_attr()
@@ -119,7 +121,16 @@ pub fn request_slice(slice: Duration) -> Result<Slice, String> {
         return Ok(Slice::OtherPolicy(attr.policy));
     }
     if slice.is_zero() {
-        return Ok(Slice::Default(Duration::from_nanos(attr.runtime)));
+        // Threads inherit a custom slice from the thread that starts them:
+        // zero puts this one back on the kernel's default.
+        attr.size = std::mem::size_of::<SchedAttr>() as u32;
+        attr.runtime = 0;
+        set_attr(&attr).map_err(|e| {
+            format!("going back to the kernel's scheduler slice (sched_setattr): {e}")
+        })?;
+        let now = get_attr()
+            .map_err(|e| format!("reading back the scheduler slice (sched_getattr): {e}"))?;
+        return Ok(Slice::Default(Duration::from_nanos(now.runtime)));
     }
     let wanted = slice.clamp(MIN_SLICE, MAX_SLICE);
     let before = attr.runtime;
@@ -190,12 +201,24 @@ mod tests {
     }
 
     #[test]
-    fn zero_leaves_the_kernels_default() {
-        let outcome = on_a_thread(|| request_slice(Duration::ZERO).expect("request"));
-        assert!(matches!(outcome, Slice::Default(_)), "{outcome:?}");
-        assert!(
-            outcome.to_string().contains("kernel's default"),
-            "{outcome}"
-        );
+    fn threads_inherit_a_slice_and_zero_puts_one_back_on_the_kernels_default() {
+        let (set, inherited, reset, then) = on_a_thread(|| {
+            let set = request_slice(Duration::from_micros(300)).expect("request");
+            let (inherited, reset, then) = std::thread::spawn(|| {
+                let inherited = get_attr().expect("getattr").runtime;
+                let reset = request_slice(Duration::ZERO).expect("reset");
+                (inherited, reset, get_attr().expect("getattr").runtime)
+            })
+            .join()
+            .expect("child");
+            (set, inherited, reset, then)
+        });
+        assert!(matches!(reset, Slice::Default(_)), "{reset:?}");
+        assert!(reset.to_string().contains("kernel's default"), "{reset}");
+        if set == Slice::Set(Duration::from_micros(300)) {
+            assert_eq!(inherited, 300_000);
+            assert_ne!(then, 300_000, "{reset}");
+            assert_eq!(reset, Slice::Default(Duration::from_nanos(then)));
+        }
     }
 }

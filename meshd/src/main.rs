@@ -257,6 +257,11 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     let control_thread = std::thread::Builder::new()
         .name("meshd-control".into())
         .spawn(move || {
+            // Control work keeps the kernel's slice (this thread inherited
+            // the data worker's); it is not what holds up a request.
+            if let Err(e) = hostmesh_meshd::sched::request_slice(std::time::Duration::ZERO) {
+                tracing::debug!(error = %e, "the control thread keeps the data workers' slice");
+            }
             control.block_on(async {
                 let _ = control_stopped.await;
             });
