@@ -41,6 +41,10 @@
 //! right behind OPEN (the app's first bytes); the server delivers them only
 //! after it connected and answered 200, and drops them with the connection
 //! when it refuses.
+//!
+//! An app's last bytes and its close, when the reactor has seen both by the
+//! time meshd reads (a server that answers and closes), go out as DATA and
+//! FIN in one TLS record: one write and one segment per stream fewer.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -757,21 +761,22 @@ pub async fn splice(
     }
 }
 
-async fn socket_to_conn<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-    mut read: R,
+async fn socket_to_conn<W: AsyncWrite + Unpin>(
+    mut read: tokio::net::tcp::OwnedReadHalf,
     mut tunnel: W,
     counters: &Counters,
     mut guard: Option<ReadGuard>,
 ) -> Result<(), Side> {
     let peer = |e: std::io::Error| Side::Peer(e.to_string());
     let mut size = ReadSize::new();
-    let mut buf = vec![0u8; HEADER + size.bytes()];
+    // Room for a FIN header behind the data.
+    let mut buf = vec![0u8; HEADER + size.bytes() + HEADER];
     loop {
         let want = size.bytes();
-        if buf.len() < HEADER + want {
-            buf.resize(HEADER + want, 0);
+        if buf.len() < HEADER + want + HEADER {
+            buf.resize(HEADER + want + HEADER, 0);
         }
-        let n = read
+        let mut n = read
             .read(&mut buf[HEADER..HEADER + want])
             .await
             .map_err(Side::Local)?;
@@ -783,9 +788,32 @@ async fn socket_to_conn<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             tunnel.write_all(&header(FIN, 0)).await.map_err(peer)?;
             return tunnel.flush().await.map_err(peer);
         }
+        // A read that did not fill its room emptied the socket; if the app
+        // has also closed its side (its last bytes and its FIN came in one
+        // wake-up, as from a server that answers and closes), the read
+        // that finds the end does not wait, and the FIN goes in the same
+        // TLS record as the data: one write and one segment, not two.
+        let mut fin = false;
+        if n < want && closed_or_readable(&read).await {
+            let room = want - n;
+            let m = read
+                .read(&mut buf[HEADER + n..HEADER + want])
+                .await
+                .map_err(Side::Local)?;
+            if let Some(g) = &mut guard {
+                g.after_read(m, room);
+            }
+            fin = m == 0;
+            n += m;
+        }
         counters.sent.fetch_add(n as u64, Ordering::Relaxed);
         buf[..HEADER].copy_from_slice(&header(DATA, n));
-        let frame = &buf[..HEADER + n];
+        let mut end = HEADER + n;
+        if fin {
+            buf[end..end + HEADER].copy_from_slice(&header(FIN, 0));
+            end += HEADER;
+        }
+        let frame = &buf[..end];
         let write = async {
             tunnel.write_all(frame).await?;
             tunnel.flush().await
@@ -797,7 +825,19 @@ async fn socket_to_conn<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         })
         .await
         .map_err(peer)?;
+        if fin {
+            return Ok(());
+        }
     }
+}
+
+/// Whether a read of `read` would return at once (the peer has closed its
+/// side, or more bytes came), as the reactor last saw it: no system call.
+/// Right after a read that left room, the reactor has cleared "readable"
+/// but keeps "read closed", which is final.
+async fn closed_or_readable(read: &tokio::net::tcp::OwnedReadHalf) -> bool {
+    let stream: &tokio::net::TcpStream = read.as_ref();
+    std::future::poll_fn(|cx| Poll::Ready(stream.poll_read_ready(cx).is_ready())).await
 }
 
 /// Payload pieces taken from the read buffer for one `writev`.
@@ -1025,5 +1065,105 @@ mod tests {
         assert!(r.unwrap_err().contains("kind 1 inside a stream"));
         let (r, _) = deliver(vec![DATA, 0, 0, 0], 100).await;
         assert!(r.unwrap_err().contains("bad length 0"));
+    }
+}
+
+#[cfg(test)]
+mod fin_tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A tunnel writer that keeps each write call apart (rustls makes one
+    /// TLS record of each).
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn an_answer_and_the_close_behind_it_go_out_in_one_write() {
+        let (mut app, meshd) = pair().await;
+        app.write_all(b"the answer").await.unwrap();
+        drop(app);
+        // Let the reactor see both the bytes and the FIN.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (read, _write) = meshd.into_split();
+        let mut out = Writes::default();
+        socket_to_conn(read, &mut out, &Counters::default(), None)
+            .await
+            .map_err(|_| "splice failed")
+            .unwrap();
+        let mut want = header(DATA, 10).to_vec();
+        want.extend_from_slice(b"the answer");
+        want.extend_from_slice(&header(FIN, 0));
+        assert_eq!(out.0, vec![want]);
+    }
+
+    #[tokio::test]
+    async fn bytes_with_the_app_still_open_are_sent_without_waiting_for_more() {
+        let (mut app, meshd) = pair().await;
+        let (read, _write) = meshd.into_split();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        struct Sent(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+        impl AsyncWrite for Sent {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                let _ = self.0.send(buf.to_vec());
+                Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let splice = tokio::spawn(async move {
+            socket_to_conn(read, Sent(tx), &Counters::default(), None)
+                .await
+                .is_ok()
+        });
+        app.write_all(b"one").await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the bytes went out while the app kept its side open")
+            .unwrap();
+        assert_eq!(&first[HEADER..], b"one");
+        drop(app);
+        let last = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(last, header(FIN, 0));
+        assert!(splice.await.unwrap());
     }
 }
