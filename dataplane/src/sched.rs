@@ -120,10 +120,10 @@ pub fn request_slice(slice: Duration) -> Result<Slice, String> {
     if attr.policy != SCHED_OTHER {
         return Ok(Slice::OtherPolicy(attr.policy));
     }
+    attr.size = std::mem::size_of::<SchedAttr>() as u32;
     if slice.is_zero() {
         // Threads inherit a custom slice from the thread that starts them:
         // zero puts this one back on the kernel's default.
-        attr.size = std::mem::size_of::<SchedAttr>() as u32;
         attr.runtime = 0;
         set_attr(&attr).map_err(|e| {
             format!("going back to the kernel's scheduler slice (sched_setattr): {e}")
@@ -134,7 +134,6 @@ pub fn request_slice(slice: Duration) -> Result<Slice, String> {
     }
     let wanted = slice.clamp(MIN_SLICE, MAX_SLICE);
     let before = attr.runtime;
-    attr.size = std::mem::size_of::<SchedAttr>() as u32;
     attr.runtime = wanted.as_nanos() as u64;
     set_attr(&attr).map_err(|e| {
         format!(

@@ -226,19 +226,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     // requests/s on 32 connections than tokio's multi-thread scheduler
     // (docs/BENCHMARKS.md).
     let workers = config.proxy.data_workers();
-    // This thread is the first data worker; each further one asks for the
-    // same slice on its own thread (dataplane/src/sched.rs).
     let slice = config.proxy.scheduler_slice.get();
-    let data_slice = match hostmesh_meshd::sched::request_slice(slice) {
-        Ok(got) => {
-            tracing::info!(slice = %got, "data workers' scheduler slice");
-            got.to_string()
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "the data workers keep the kernel's scheduler slice");
-            format!("the kernel's default: {e}")
-        }
-    };
     let data = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -257,16 +245,26 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
     let control_thread = std::thread::Builder::new()
         .name("meshd-control".into())
         .spawn(move || {
-            // Control work keeps the kernel's slice (this thread inherited
-            // the data worker's); it is not what holds up a request.
-            if let Err(e) = hostmesh_meshd::sched::request_slice(std::time::Duration::ZERO) {
-                tracing::debug!(error = %e, "the control thread keeps the data workers' slice");
-            }
             control.block_on(async {
                 let _ = control_stopped.await;
             });
         })
         .map_err(|e| format!("starting the control thread: {e}"))?;
+    // This thread is the first data worker; each further one asks for the
+    // same slice on its own thread (dataplane/src/sched.rs). Asked for only
+    // now, after the control thread has started: threads inherit a custom
+    // slice, and control work, which holds up no request, keeps the
+    // kernel's.
+    let data_slice = match hostmesh_meshd::sched::request_slice(slice) {
+        Ok(got) => {
+            tracing::info!(slice = %got, "data workers' scheduler slice");
+            got.to_string()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the data workers keep the kernel's scheduler slice");
+            format!("the kernel's default: {e}")
+        }
+    };
     let result = data.block_on(async move {
         let meshd = Meshd::start(
             config,
