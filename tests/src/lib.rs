@@ -71,6 +71,17 @@ pub fn require_root() {
     );
 }
 
+/// Whether the running kernel is `major.minor` or later (containers share
+/// it, so this holds inside them too).
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// Polls `check` until it returns Some, or panics after `patience` with
 /// what the last attempt said.
 pub fn eventually<T>(

@@ -388,7 +388,7 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
     // The data worker got the 100 µs scheduler slice meshd asks for by
     // default, on a kernel that has custom slices (6.12 and later).
     let slice = status["schedulerSlice"].as_str().unwrap_or_default();
-    if kernel_at_least(6, 12) {
+    if hostmesh_tests::kernel_at_least(6, 12) {
         assert_eq!(slice, "100 µs", "{status}");
     } else {
         assert!(slice.contains("Linux 6.12"), "{status}");
@@ -660,14 +660,4 @@ fn quic_falls_back_to_tcp_when_udp_is_blocked() {
         assert_eq!(m.curl(CLIENT, "http://web.shop.mesh/", 5).unwrap(), "web-1");
     }
     m.lab.sh_ok(CLIENT, "nft delete table inet testblock");
-}
-
-/// Whether the running kernel is `major.minor` or later.
-fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

@@ -560,12 +560,7 @@ fn deb_installs_offline_joins_with_the_printed_line_runs_hardened_and_purges_cle
     // The unit's system call filter lets the data worker ask for its
     // scheduler slice (sched_setattr is in @system-service); custom slices
     // need Linux 6.12.
-    let release = c.sh_ok("uname -r");
-    let mut version = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    if (version.next().unwrap_or(0), version.next().unwrap_or(0)) >= (6, 12) {
+    if hostmesh_tests::kernel_at_least(6, 12) {
         assert!(
             status.contains("scheduler:   data workers' slice 100 µs"),
             "{status}"
