@@ -57,6 +57,9 @@ pub struct Runtimes {
     /// The scheduler slice the data workers got (`proxy.scheduler_slice`),
     /// as `meshd status` shows it.
     pub data_slice: String,
+    /// What `meshd run` did about glibc's slow copies
+    /// ([`crate::memcpy`]), in words.
+    pub memcpy: String,
 }
 
 pub struct Meshd {
@@ -625,6 +628,7 @@ impl Meshd {
             capture: capture_rx,
             sockmap: sockmap.clone(),
             scheduler_slice: rt.data_slice.clone(),
+            memcpy: rt.memcpy.clone(),
             config_json: serde_json::to_value(&config).unwrap_or_default(),
         });
         rt.control

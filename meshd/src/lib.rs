@@ -18,5 +18,6 @@ pub mod dns;
 pub mod health;
 pub mod identity;
 pub mod liveness;
+pub mod memcpy;
 
 pub use hostmesh_dataplane::{drain, mesh, proxy, sched, sockmap, tunnel, workers};

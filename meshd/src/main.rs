@@ -217,8 +217,13 @@ fn run_join(
 }
 
 fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Result<(), String> {
+    // First, while this is the only thread: where glibc's large copies are
+    // slow, this starts meshd again with them mended (memcpy.rs).
+    let memcpy = hostmesh_meshd::memcpy::avoid_slow_copies();
     let config = load_config(config_path.as_ref(), state_dir.as_ref())?;
     init_logging(&config);
+    let memcpy = hostmesh_meshd::memcpy::describe(&memcpy);
+    tracing::info!("{memcpy}");
     // Data workers are current-thread runtimes: this thread drives the
     // first (accept loops, DNS, connections), and each further worker has
     // its own thread; connections are handed to them in turn (workers.rs).
@@ -274,6 +279,7 @@ fn run_daemon(config_path: Option<PathBuf>, state_dir: Option<PathBuf>) -> Resul
                 workers: worker_handles,
                 control: control_handle.clone(),
                 data_slice,
+                memcpy,
             },
         )
         .await
@@ -446,6 +452,9 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
                 "scheduler:   data workers' slice {}\n",
                 s("/schedulerSlice")
             ));
+        }
+        if v.pointer("/memcpy").is_some() {
+            out.push_str(&format!("copies:      {}\n", s("/memcpy")));
         }
     }
     print_out(&out);

@@ -59,6 +59,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::hbone::PoolSettings;
+use super::readahead::Gauge;
 use super::splice::{Counters, RawIo, ReadSize, Side, SpliceEnd, both_ways, noting_wait};
 use super::{PeerKey, TlsConfigs, TunnelError};
 use crate::sockmap::{Guard, ReadGuard, WriteGuard};
@@ -85,10 +86,11 @@ const DONE: u8 = 5;
 /// has not come; then it closes it instead of reusing it.
 const DONE_WAIT: Duration = Duration::from_secs(5);
 
-/// The read buffer a connection starts with, and the most it grows to (a
-/// whole 64 KiB frame and its header).
+/// The read buffer a connection starts with, and the most it grows to:
+/// what one read ahead under TLS can bring (several frames, to the app in
+/// one write).
 const READ_START: usize = 16 * 1024;
-const READ_MAX: usize = MAX_DATA + HEADER;
+const READ_MAX: usize = super::readahead::MAX;
 
 fn header(kind: u8, len: usize) -> [u8; HEADER] {
     debug_assert!(len < 1 << 24);
@@ -160,23 +162,28 @@ struct FrameReader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// What is read ahead under TLS (see [`super::readahead`]).
+    below: Gauge,
 }
 
 impl FrameReader {
     /// Holds no buffer until bytes come (an idle connection waits
     /// without one; see [`FrameReader::fill`]).
-    fn new() -> FrameReader {
+    fn new(below: Gauge) -> FrameReader {
         FrameReader {
             buf: Box::default(),
             start: 0,
             end: 0,
+            below,
         }
     }
 
     /// Lets the buffer go when nothing is in it (between streams).
     fn release(&mut self) {
         if self.buffered() == 0 {
-            *self = FrameReader::new();
+            self.buf = Box::default();
+            self.start = 0;
+            self.end = 0;
         }
     }
 
@@ -222,8 +229,32 @@ impl FrameReader {
             return Ok(n);
         }
         self.make_room();
-        let n = io.read(&mut self.buf[self.end..]).await?;
+        let mut n = io.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        // More records read ahead under TLS: take them too, without a
+        // system call, so that they go to the app in one write.
+        while n > 0 && self.below.buffered() > 0 {
+            self.make_room();
+            if self.end == self.buf.len() {
+                break;
+            }
+            let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
+            let got = std::future::poll_fn(|cx| match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                Poll::Pending => Poll::Ready(Ok(None)),
+                Poll::Ready(r) => Poll::Ready(r.map(Some)),
+            })
+            .await?;
+            match got {
+                Some(()) if !rb.filled().is_empty() => {
+                    let m = rb.filled().len();
+                    self.end += m;
+                    n += m;
+                }
+                // The end (seen by the next fill) or a record not yet
+                // whole.
+                _ => break,
+            }
+        }
         Ok(n)
     }
 
@@ -267,10 +298,12 @@ pub struct TunnelConn {
 }
 
 impl TunnelConn {
-    pub fn new(io: Box<dyn RawIo>) -> TunnelConn {
+    /// `below`: the gauge of the [`super::readahead::ReadAhead`] under
+    /// `io`'s TLS.
+    pub fn new(io: Box<dyn RawIo>, below: Gauge) -> TunnelConn {
         TunnelConn {
             io,
-            reader: FrameReader::new(),
+            reader: FrameReader::new(below),
             home: std::thread::current().id(),
         }
     }
@@ -545,7 +578,7 @@ impl DedicatedPool {
         let addr = key.addr;
         let config = self.tls.client_dedicated(&key.identity)?;
         let tls = super::dial_tls(key, &self.settings, config).await?;
-        keepalive(tls.get_ref().0);
+        keepalive(tls.get_ref().0.get_ref());
         self.handshakes.fetch_add(1, Ordering::Relaxed);
         if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
             self.h2_only
@@ -555,7 +588,8 @@ impl DedicatedPool {
             tracing::info!(peer = %addr, "peer does not offer dedicated tunnel connections; using HTTP/2 for it");
             return Err(OpenError::NotOffered);
         }
-        Ok(TunnelConn::new(Box::new(tls)))
+        let gauge = tls.get_ref().0.gauge();
+        Ok(TunnelConn::new(Box::new(tls), gauge))
     }
 
     /// Opens a stream to `authority` at `key`: on an idle connection if
@@ -1024,7 +1058,7 @@ mod tests {
     }
 
     async fn deliver(bytes: Vec<u8>, step: usize) -> (Result<(), String>, Vec<u8>) {
-        let mut reader = FrameReader::new();
+        let mut reader = FrameReader::new(Gauge::default());
         let tunnel = Trickle {
             data: bytes,
             at: 0,
@@ -1101,6 +1135,68 @@ mod fin_tests {
             .await
             .unwrap();
         (c, l.accept().await.unwrap().0)
+    }
+
+    /// A real TLS connection over loopback TCP, each end's socket under a
+    /// [`super::super::readahead::ReadAhead`] as meshd has it.
+    async fn tls_pair() -> (Box<dyn RawIo>, TunnelConn) {
+        use super::super::readahead::ReadAhead;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert: CertificateDer<'static> = key.cert.der().clone();
+        let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], pkcs8)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (c, s) = pair().await;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let (c, s) = tokio::join!(
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, ReadAhead::new(c)),
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(ReadAhead::new(s)),
+        );
+        let (c, s) = (c.unwrap(), s.unwrap());
+        let gauge = c.get_ref().0.gauge();
+        (Box::new(s), TunnelConn::new(Box::new(c), gauge))
+    }
+
+    #[tokio::test]
+    async fn records_waiting_under_tls_are_taken_in_one_fill_and_reach_the_app_intact() {
+        let (mut sender, mut conn) = tls_pair().await;
+        let body: Vec<u8> = (0..240_000u32).map(|i| (i % 253) as u8).collect();
+        let mut wire = Vec::new();
+        for piece in body.chunks(40_000) {
+            wire.extend_from_slice(&header(DATA, piece.len()));
+            wire.extend_from_slice(piece);
+        }
+        wire.extend_from_slice(&header(FIN, 0));
+        sender.write_all(&wire).await.unwrap();
+        sender.flush().await.unwrap();
+        // Let all of it reach the receiving socket.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let TunnelConn { io, reader, .. } = &mut conn;
+        // The first read is straight through (one record's room) and shows
+        // the stream is behind; the next reads ahead and takes every
+        // record it brought.
+        let first = reader.fill(io).await.unwrap();
+        assert!(first <= 16 * 1024 + 64, "{first}");
+        let second = reader.fill(io).await.unwrap();
+        assert!(
+            second > 4 * 16 * 1024,
+            "one fill took {second} bytes: records read ahead were left for later fills"
+        );
+        let mut out = Vec::new();
+        conn_to_socket(reader, io, &mut out, &Counters::default(), None)
+            .await
+            .map_err(|_| "splice failed")
+            .unwrap();
+        assert!(out == body, "the app got other bytes");
     }
 
     #[tokio::test]

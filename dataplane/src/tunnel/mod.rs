@@ -28,6 +28,7 @@
 pub mod dedicated;
 pub mod hbone;
 pub mod quic;
+pub mod readahead;
 pub mod server;
 pub mod splice;
 
@@ -303,7 +304,8 @@ pub(crate) async fn dial_tls(
     key: &PeerKey,
     settings: &hbone::PoolSettings,
     config: Arc<ClientConfig>,
-) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TunnelError> {
+) -> Result<tokio_rustls::client::TlsStream<readahead::ReadAhead<tokio::net::TcpStream>>, TunnelError>
+{
     let addr = key.addr;
     let timeout = settings.connect_timeout;
     let tcp = match tokio::time::timeout(
@@ -324,7 +326,8 @@ pub(crate) async fn dial_tls(
     let _ = tcp.set_nodelay(true);
     set_congestion(&tcp, settings.congestion.as_deref());
     let server_name = hostmesh_api::tls::server_name_for(&key.identity);
-    let handshake = tokio_rustls::TlsConnector::from(config).connect(server_name, tcp);
+    let handshake = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, readahead::ReadAhead::new(tcp));
     let mut tls = match tokio::time::timeout(timeout, handshake).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {

@@ -175,7 +175,7 @@ pub async fn serve(
                 tokio_rustls::TlsAcceptor::from(tls.server_offering(settings.offer_dedicated));
             let mut stream = match tokio::time::timeout(
                 settings.handshake_timeout,
-                acceptor.accept(tcp),
+                acceptor.accept(super::readahead::ReadAhead::new(tcp)),
             )
             .await
             {
@@ -207,8 +207,9 @@ pub async fn serve(
                 return;
             };
             if stream.get_ref().1.alpn_protocol() == Some(super::dedicated::ALPN) {
-                super::dedicated::keepalive(stream.get_ref().0);
-                let conn = super::dedicated::TunnelConn::new(Box::new(stream));
+                super::dedicated::keepalive(stream.get_ref().0.get_ref());
+                let gauge = stream.get_ref().0.gauge();
+                let conn = super::dedicated::TunnelConn::new(Box::new(stream), gauge);
                 let idle = settings.dedicated_idle;
                 super::dedicated::serve(conn, remote, identity, handler, drain, idle).await;
                 return;

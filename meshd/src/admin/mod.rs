@@ -44,6 +44,8 @@ pub struct AdminState {
     pub sockmap: crate::app::SockmapStatus,
     /// The data workers' scheduler slice, in words.
     pub scheduler_slice: String,
+    /// What `meshd run` did about glibc's slow copies, in words.
+    pub memcpy: String,
     pub config_json: Value,
 }
 
@@ -277,6 +279,7 @@ fn status_json(state: &AdminState) -> Value {
         "tunnels": tunnels,
         "sockmap": sockmap_json(&state.sockmap),
         "schedulerSlice": state.scheduler_slice,
+        "memcpy": state.memcpy,
         "settings": state.config_json,
     })
 }
