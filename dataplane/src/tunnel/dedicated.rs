@@ -231,7 +231,8 @@ impl FrameReader {
         self.make_room();
         let mut n = io.read(&mut self.buf[self.end..]).await?;
         self.end += n;
-        // More records read ahead under TLS: take them too, without a
+        // More records read ahead under TLS (tokio-rustls stopped because
+        // this buffer was full): take them too, growing it, without a
         // system call, so that they go to the app in one write.
         while n > 0 && self.below.buffered() > 0 {
             self.make_room();
@@ -240,17 +241,18 @@ impl FrameReader {
             }
             let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
             let got = std::future::poll_fn(|cx| match Pin::new(&mut *io).poll_read(cx, &mut rb) {
-                Poll::Pending => Poll::Ready(Ok(None)),
-                Poll::Ready(r) => Poll::Ready(r.map(Some)),
+                Poll::Pending => Poll::Ready(None),
+                Poll::Ready(r) => Poll::Ready(Some(r)),
             })
-            .await?;
+            .await;
             match got {
-                Some(()) if !rb.filled().is_empty() => {
+                Some(Ok(())) if !rb.filled().is_empty() => {
                     let m = rb.filled().len();
                     self.end += m;
                     n += m;
                 }
-                // The end (seen by the next fill) or a record not yet
+                // The end or an error (the next fill sees it again, after
+                // what was read here has been used), or a record not yet
                 // whole.
                 _ => break,
             }
@@ -1181,9 +1183,9 @@ mod fin_tests {
         // Let all of it reach the receiving socket.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let TunnelConn { io, reader, .. } = &mut conn;
-        // The first read is straight through (one record's room) and shows
-        // the stream is behind; the next reads ahead and takes every
-        // record it brought.
+        // The first fill reads into a 512-byte buffer on the stack (an idle
+        // connection holds none) and shows the stream is behind; the next
+        // reads ahead and takes every record it brought.
         let first = reader.fill(io).await.unwrap();
         assert!(first <= 16 * 1024 + 64, "{first}");
         let second = reader.fill(io).await.unwrap();

@@ -1,35 +1,60 @@
 //! A read buffer under a tunnel connection's TLS.
 //!
-//! rustls reads at most one TLS record (about 16 KiB) per `read` of its
-//! socket, so a bulk stream cost one `recvfrom` per record on the
-//! receiving side, and one `writev` to the app per record after it
-//! (docs/BENCHMARKS.md, "Reading ahead of TLS"). Under a stream that is
-//! behind (a read filled all the room rustls gave it), [`ReadAhead`] reads
-//! whatever the socket holds, up to [`MAX`], in one call and hands it to
-//! rustls from memory; [`Gauge`] tells the reader above TLS that more is
-//! there without another system call, so it can take several records
-//! before it writes to the app.
+//! rustls reads at most what one TLS record (16 KiB) still needs per
+//! `read` of its socket (4 KiB when it holds nothing), so a bulk stream
+//! cost one `recvfrom` per record on the receiving side, and one `writev`
+//! to the app per record after it (docs/BENCHMARKS.md, "Reading ahead of
+//! TLS"). Once a read fills all the room rustls gave it (more is likely
+//! waiting), [`ReadAhead`] reads whatever the socket holds, up to [`MAX`],
+//! in one call and hands it to rustls from memory; [`Gauge`] tells the
+//! reader above TLS that more is there without another system call, so it
+//! can take several records before it writes to the app. A read that
+//! brings less than a record goes back to reading straight into rustls's
+//! room.
 //!
-//! Request-and-answer traffic never switches it on: a read that leaves
-//! room in rustls's buffer goes straight into it, and the buffer is let go
-//! once a read comes back short, so an idle or chatty connection holds
-//! none.
+//! The buffer is held only while it holds bytes: once drained, or when
+//! the socket has nothing, it goes back to a small per-thread spare list
+//! (uninitialised memory, so neither taking one nor the pages a short read
+//! leaves untouched cost anything). An idle connection holds none.
 
+use std::cell::RefCell;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The buffer a stream that fell behind starts with.
-pub const START: usize = 64 * 1024;
-/// The most read ahead at once (the buffer doubles up to it after reads
-/// that filled it).
+/// The most read ahead at once.
 pub const MAX: usize = 256 * 1024;
 /// A read of less than this, in read-ahead mode, ends it: less than one
 /// whole TLS record was waiting.
 const SHORT: usize = 16 * 1024;
+/// Drained buffers kept per thread for the next stream that is behind.
+const SPARES: usize = 2;
+
+thread_local! {
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_spare() -> BytesMut {
+    SPARE
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| BytesMut::with_capacity(MAX))
+}
+
+fn put_spare(mut b: BytesMut) {
+    b.clear();
+    // Back to the whole allocation (a drained BytesMut has advanced past it).
+    b.reserve(MAX);
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARES {
+            s.push(b);
+        }
+    });
+}
 
 /// How many bytes [`ReadAhead`] holds that rustls has not taken: read by
 /// the connection's reader above TLS.
@@ -44,10 +69,9 @@ impl Gauge {
 
 pub struct ReadAhead<T> {
     io: T,
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-    /// Reading into `buf` rather than straight into the caller's room.
+    /// What was read ahead and not yet taken; never empty.
+    buf: Option<BytesMut>,
+    /// Reading into a buffer rather than straight into the caller's room.
     ahead: bool,
     gauge: Gauge,
 }
@@ -56,9 +80,7 @@ impl<T> ReadAhead<T> {
     pub fn new(io: T) -> ReadAhead<T> {
         ReadAhead {
             io,
-            buf: Box::default(),
-            start: 0,
-            end: 0,
+            buf: None,
             ahead: false,
             gauge: Gauge::default(),
         }
@@ -71,10 +93,6 @@ impl<T> ReadAhead<T> {
     pub fn get_ref(&self) -> &T {
         &self.io
     }
-
-    fn set_gauge(&self) {
-        self.gauge.0.store(self.end - self.start, Ordering::Relaxed);
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
@@ -84,46 +102,47 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         dst: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let me = self.get_mut();
-        if me.start == me.end {
-            if !me.ahead {
+        let mut b = match me.buf.take() {
+            Some(b) => b,
+            None if !me.ahead => {
                 // Straight into the caller's room; a read that fills it
                 // means more is waiting: read ahead from the next one.
                 let room = dst.remaining();
                 let before = dst.filled().len();
                 ready!(Pin::new(&mut me.io).poll_read(cx, dst))?;
-                let n = dst.filled().len() - before;
-                me.ahead = room > 0 && n == room;
+                me.ahead = room > 0 && dst.filled().len() - before == room;
                 return Poll::Ready(Ok(()));
             }
-            if me.buf.is_empty() {
-                me.buf = vec![0; START].into_boxed_slice();
+            None => {
+                let mut b = take_spare();
+                match tokio_util::io::poll_read_buf(Pin::new(&mut me.io), cx, &mut b) {
+                    Poll::Ready(Ok(n)) => {
+                        if n < SHORT {
+                            me.ahead = false;
+                        }
+                        if n == 0 {
+                            put_spare(b);
+                            return Poll::Ready(Ok(()));
+                        }
+                        b
+                    }
+                    other => {
+                        put_spare(b);
+                        return other.map_ok(|_| ());
+                    }
+                }
             }
-            let mut rb = ReadBuf::new(&mut me.buf);
-            ready!(Pin::new(&mut me.io).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            me.start = 0;
-            me.end = n;
-            if n < SHORT {
-                // Caught up: back to reading straight through, and the
-                // buffer goes once what it holds is taken.
-                me.ahead = false;
-            } else if n == me.buf.len() && n < MAX {
-                // Filled: a bigger buffer for the next read (this one's
-                // bytes are copied over once).
-                let mut bigger = vec![0; (n * 2).min(MAX)].into_boxed_slice();
-                bigger[..n].copy_from_slice(&me.buf[..n]);
-                me.buf = bigger;
-            }
+        };
+        let n = dst.remaining().min(b.len());
+        dst.put_slice(&b[..n]);
+        b.advance(n);
+        if b.is_empty() {
+            put_spare(b);
+        } else {
+            me.buf = Some(b);
         }
-        let n = dst.remaining().min(me.end - me.start);
-        dst.put_slice(&me.buf[me.start..me.start + n]);
-        me.start += n;
-        if me.start == me.end && !me.ahead {
-            me.buf = Box::default();
-            me.start = 0;
-            me.end = 0;
-        }
-        me.set_gauge();
+        let held = me.buf.as_ref().map_or(0, |b| b.len());
+        me.gauge.0.store(held, Ordering::Relaxed);
         Poll::Ready(Ok(()))
     }
 }
@@ -177,7 +196,7 @@ mod tests {
         far.write_all(&[1u8; 1000]).await.unwrap();
         assert_eq!(read_with_room(&mut r, 4096).await.len(), 1000);
         assert!(!r.ahead);
-        assert!(r.buf.is_empty(), "no buffer held");
+        assert!(r.buf.is_none(), "no buffer held");
         assert_eq!(r.gauge().buffered(), 0);
     }
 
@@ -190,21 +209,36 @@ mod tests {
         // Filled its room: read ahead from the next read on.
         assert_eq!(read_with_room(&mut r, 16 * 1024).await.len(), 16 * 1024);
         assert!(r.ahead);
+        assert!(r.buf.is_none());
+        // One read took all that was waiting.
         assert_eq!(read_with_room(&mut r, 16 * 1024).await.len(), 16 * 1024);
-        // One read into the buffer took what it had room for.
-        assert_eq!(gauge.buffered(), START - 16 * 1024);
+        assert_eq!(gauge.buffered(), 200_000 - 2 * 16 * 1024);
         let mut got = 32 * 1024;
         while got < 200_000 {
             got += read_with_room(&mut r, 16 * 1024).await.len();
         }
         assert_eq!(got, 200_000);
-        assert!(r.buf.len() > START, "a read that filled it grew the buffer");
         assert_eq!(gauge.buffered(), 0);
-        // A short read ends read-ahead and lets the buffer go.
+        assert!(r.buf.is_none(), "a drained buffer is not held");
+        // Nothing waiting: the read waits, holding no buffer.
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut room = [0u8; 100];
+        let mut rb = ReadBuf::new(&mut room);
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut rb).is_pending());
+        assert!(r.buf.is_none());
+        // A short read ends read-ahead.
         far.write_all(&[3u8; 100]).await.unwrap();
         assert_eq!(read_with_room(&mut r, 16 * 1024).await, vec![3u8; 100]);
         assert!(!r.ahead);
-        assert!(r.buf.is_empty());
+        assert!(r.buf.is_none());
+        // The drained buffers wait for the next stream, a few per thread.
+        assert!(SPARE.with(|s| s.borrow().len()) <= SPARES);
+        assert!(SPARE.with(|s| {
+            s.borrow()
+                .iter()
+                .all(|b| b.is_empty() && b.capacity() >= MAX)
+        }));
     }
 
     #[tokio::test]
