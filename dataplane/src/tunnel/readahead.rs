@@ -45,12 +45,13 @@ fn take_spare() -> BytesMut {
 }
 
 fn put_spare(mut b: BytesMut) {
-    b.clear();
-    // Back to the whole allocation (a drained BytesMut has advanced past it).
-    b.reserve(MAX);
     SPARE.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < SPARES {
+            b.clear();
+            // Back to the whole allocation (a drained BytesMut has
+            // advanced past it).
+            b.reserve(MAX);
             s.push(b);
         }
     });
