@@ -5,7 +5,9 @@
 //! TCP echo server):
 //! - **direct**: plain TCP to the server's address (a port the mesh does
 //!   not capture);
-//! - **meshd tcp**: through the meshd pair, TLS 1.3 + HTTP/2 tunnels;
+//! - **meshd tcp**: through the meshd pair over TLS 1.3 on TCP (dedicated
+//!   tunnel connections by default, `--tcp-tunnels multiplexed` for the
+//!   HTTP/2 tunnel);
 //! - **meshd quic**: through the meshd pair over QUIC (a second client host
 //!   whose meshd uses QUIC);
 //! - **haproxy**: an HAProxy mTLS pair in TCP mode, the peer a VM operator
@@ -20,7 +22,8 @@
 //! 1,000 requests, and round trips of 1 byte and 1 KiB on one connection
 //! (a small echo client in this binary). Everything is reported as a ratio
 //! to direct, measured in the same run: each measurement runs for every
-//! setup in turn, `--rounds` times (3), and the tables give medians of
+//! setup in turn, `--rounds` times (3), the loads in slices of 1 or 2 s
+//! that the setups take in turns (see [`take_turns`]), and the tables give medians of
 //! per-round figures and of per-round ratios and differences; the run
 //! judges the issue's targets and compares meshd with HAProxy line by line.
 //! The client hosts run on one half of the cores and the server host on the
@@ -349,14 +352,6 @@ fn rtt_client(addr: SocketAddr, size: usize, count: usize) {
         "{}",
         json!({"p50_us": pct(0.5), "p99_us": pct(0.99), "mean_us": mean})
     );
-}
-
-/// wrk's requests/s, from its text output (0 if it printed none).
-fn wrk_rate(text: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A process's RSS (KiB) and CPU seconds so far.
@@ -802,85 +797,18 @@ fn run(o: &Options) {
         }
         idle.push(rss_of(&s.proxies));
     }
-    let wrk = |s: &Setup, args: &[&str]| -> f64 {
-        let mut c = tool(s.host, "wrk");
-        c.args(args);
-        wrk_rate(&run_ok(&mut c))
-    };
-    let d = format!("{secs}s");
     type Measure<'a> = Box<dyn Fn(&Setup) -> Value + 'a>;
-    let lines: Vec<(&str, Measure<'_>)> = vec![
-        (
-            "32 connections (wrk -c32), proxy CPU and peak RSS",
-            Box::new(|s| {
-                let cpu_before = cpu_of(&s.proxies);
-                let sampler = {
-                    let pids = s.proxies.clone();
-                    std::thread::spawn(move || {
-                        let mut max = 0;
-                        let end = Instant::now() + Duration::from_secs(secs);
-                        while Instant::now() < end {
-                            max = max.max(rss_of(&pids));
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
-                        max
-                    })
-                };
-                let rps32 = wrk(s, &["-t2", "-c32", "-d", &d, &s.http]);
-                let cpu_after = cpu_of(&s.proxies);
-                let rss_load = sampler.join().unwrap_or(0);
-                let requests32 = rps32 * secs as f64;
-                let cpu_per_1000 = if requests32 > 0.0 {
-                    (cpu_after - cpu_before) / requests32 * 1000.0
-                } else {
-                    0.0
-                };
-                json!({"rps_32": rps32, "rss_load_kib": rss_load, "cpu_s_per_1000_req": cpu_per_1000})
-            }),
-        ),
-        (
-            "new connections (wrk -c32, Connection: close)",
-            Box::new(|s| {
-                let rate = wrk(
-                    s,
-                    &["-t2", "-c32", "-d", &d, "-H", "Connection: close", &s.http],
-                );
-                json!({"new_conns_per_s": rate})
-            }),
-        ),
-        (
-            "one-stream bulk (iperf3)",
-            Box::new(|s| {
-                let mut c = tool(s.host, "iperf3");
-                c.args([
-                    "-c",
-                    &s.bulk.0,
-                    "-p",
-                    &s.bulk.1.to_string(),
-                    "-t",
-                    &secs.to_string(),
-                    "-J",
-                ]);
-                let v: Value = serde_json::from_str(&run_ok(&mut c)).unwrap_or_default();
-                let gbps = v["end"]["sum_received"]["bits_per_second"]
-                    .as_f64()
-                    .unwrap_or(0.0)
-                    / 1e9;
-                json!({"bulk_gbps": gbps})
-            }),
-        ),
-        (
-            "round trips of 1 B and 1 KiB on one connection",
-            Box::new(|s| {
-                let rtt = |size: usize| -> Value {
-                    let mut c = tool(s.host, &me);
-                    c.args(["rtt-client", &s.echo, &size.to_string(), "20000"]);
-                    serde_json::from_str(&run_ok(&mut c)).unwrap_or_default()
-                };
-                json!({"rtt_1b": rtt(1), "rtt_1k": rtt(1024)})
-            }),
-        ),
-    ];
+    let lines: Vec<(&str, Measure<'_>)> = vec![(
+        "round trips of 1 B and 1 KiB on one connection",
+        Box::new(|s| {
+            let rtt = |size: usize| -> Value {
+                let mut c = tool(s.host, &me);
+                c.args(["rtt-client", &s.echo, &size.to_string(), "20000"]);
+                serde_json::from_str(&run_ok(&mut c)).unwrap_or_default()
+            };
+            json!({"rtt_1b": rtt(1), "rtt_1k": rtt(1024)})
+        }),
+    )];
     // Every measurement runs for every setup, `rounds` times, before the
     // next measurement starts, in each round's order (`round_order`: no
     // setup always goes first or last, or always follows the same one).
@@ -902,6 +830,93 @@ fn run(o: &Options) {
         }
     }
     drop(lines);
+    let histogram = dir.join("latency-histogram.lua");
+    write(&histogram, WRK_HISTOGRAM_LUA);
+    let histogram = histogram.display().to_string();
+    // The throughput lines also run in turns (1-s slices; bulk 2-s), each
+    // setup's slices pooled: direct's one-stream bulk alone ranged from
+    // 12 to 24 Gbit/s between the 5-s turns of one run on this VM, and a
+    // setup that drew a slow spell moved every ratio to it
+    // (docs/BENCHMARKS.md, "Throughput in turns").
+    take_turns(
+        "32 connections (wrk -c32), proxy CPU and peak RSS (setups in turns of 1 s)",
+        &setups,
+        rounds,
+        secs as usize,
+        &mut measured,
+        |s| {
+            let cpu_before = cpu_of(&s.proxies);
+            let sampler = {
+                let pids = s.proxies.clone();
+                std::thread::spawn(move || {
+                    let mut max = rss_of(&pids);
+                    let end = Instant::now() + Duration::from_secs(1);
+                    while Instant::now() < end {
+                        std::thread::sleep(Duration::from_millis(100));
+                        max = max.max(rss_of(&pids));
+                    }
+                    max
+                })
+            };
+            let mut c = tool(s.host, "wrk");
+            c.args(["-t2", "-c32", "-d1s", "-s", &histogram, &s.http]);
+            let mut p = Pooled::from_wrk(&run_ok(&mut c))?;
+            p.cpu_s = cpu_of(&s.proxies) - cpu_before;
+            p.rss_peak_kib = sampler.join().unwrap_or(0);
+            Ok(p)
+        },
+        |p| {
+            let cpu_per_1000 = if p.answered > 0 {
+                p.cpu_s / p.answered as f64 * 1000.0
+            } else {
+                0.0
+            };
+            json!({"rps_32": p.rate(), "rss_load_kib": p.rss_peak_kib, "cpu_s_per_1000_req": cpu_per_1000})
+        },
+    );
+    take_turns(
+        "new connections (wrk -c32, Connection: close, setups in turns of 1 s)",
+        &setups,
+        rounds,
+        secs as usize,
+        &mut measured,
+        |s| {
+            let mut c = tool(s.host, "wrk");
+            c.args([
+                "-t2",
+                "-c32",
+                "-d1s",
+                "-H",
+                "Connection: close",
+                "-s",
+                &histogram,
+                &s.http,
+            ]);
+            Pooled::from_wrk(&run_ok(&mut c))
+        },
+        |p| json!({"new_conns_per_s": p.rate()}),
+    );
+    take_turns(
+        "one-stream bulk (iperf3, setups in turns of 2 s)",
+        &setups,
+        rounds,
+        (secs as usize).div_ceil(2),
+        &mut measured,
+        |s| {
+            let mut c = tool(s.host, "iperf3");
+            c.args([
+                "-c",
+                &s.bulk.0,
+                "-p",
+                &s.bulk.1.to_string(),
+                "-t",
+                "2",
+                "-J",
+            ]);
+            Pooled::from_iperf3(&run_ok(&mut c))
+        },
+        |p| json!({"bulk_gbps": p.gbps()}),
+    );
     // The tails of the two latency lines are set by how long this VM takes
     // to wake an idle vCPU and how fast it runs right after (every request
     // crosses to the other core and back, in every setup alike), and that
@@ -913,9 +928,6 @@ fn run(o: &Options) {
     // then percentiles over the pool. The same load and the same regime,
     // spread over the same minutes.
     let oha = o.oha.display().to_string();
-    let histogram = dir.join("latency-histogram.lua");
-    write(&histogram, WRK_HISTOGRAM_LUA);
-    let histogram = histogram.display().to_string();
     take_turns(
         "one keep-alive connection (wrk -c1, setups in turns of 1 s)",
         &setups,
@@ -1133,6 +1145,12 @@ struct Pooled {
     latency_us: Vec<(f64, u64)>,
     answered: u64,
     seconds: f64,
+    /// Bits received (bulk).
+    bits: f64,
+    /// The proxies' CPU seconds over the slices.
+    cpu_s: f64,
+    /// The proxies' highest RSS seen (KiB).
+    rss_peak_kib: u64,
 }
 
 impl Pooled {
@@ -1227,10 +1245,42 @@ impl Pooled {
         Ok(out)
     }
 
+    /// iperf3's `-J` report: what the receiver got, and over how long.
+    fn from_iperf3(json: &str) -> Result<Pooled, String> {
+        let v: Value =
+            serde_json::from_str(json).map_err(|e| format!("iperf3's report is not JSON: {e}"))?;
+        if let Some(e) = v["error"].as_str() {
+            return Err(format!("iperf3: {e}"));
+        }
+        let got = &v["end"]["sum_received"];
+        match (got["bytes"].as_f64(), got["seconds"].as_f64()) {
+            (Some(bytes), Some(seconds)) if seconds > 0.0 => Ok(Pooled {
+                bits: bytes * 8.0,
+                seconds,
+                ..Pooled::default()
+            }),
+            _ => Err(format!(
+                "iperf3's report has no bytes and seconds received: {got}"
+            )),
+        }
+    }
+
     fn add(&mut self, other: Pooled) {
         self.latency_us.extend(other.latency_us);
         self.answered += other.answered;
         self.seconds += other.seconds;
+        self.bits += other.bits;
+        self.cpu_s += other.cpu_s;
+        self.rss_peak_kib = self.rss_peak_kib.max(other.rss_peak_kib);
+    }
+
+    /// Bits received per second, in Gbit/s.
+    fn gbps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bits / self.seconds / 1e9
+        } else {
+            0.0
+        }
     }
 
     fn count(&self) -> u64 {
@@ -1885,9 +1935,48 @@ mod tests {
                 .unwrap_err()
                 .contains("no latency")
         );
-        let text = "  1597 requests in 1.00s, 6.50MB read\nRequests/sec:   1596.57\nTransfer/sec:      6.49MB\n";
-        assert_eq!(super::wrk_rate(text), 1596.57);
-        assert_eq!(super::wrk_rate("connect error\n"), 0.0);
+    }
+
+    #[test]
+    fn bulk_slices_pool_bytes_over_seconds_and_bad_reports_say_why() {
+        let report = |bytes: u64, seconds: f64| {
+            json!({"end": {"sum_received": {"bytes": bytes, "seconds": seconds}}}).to_string()
+        };
+        // 2 s at 20 Gbit/s and 2 s at 4 Gbit/s: 12 Gbit/s over the 4 s, not
+        // the mean of two 5-s-style turns weighted any other way.
+        let mut p = Pooled::from_iperf3(&report(5_000_000_000, 2.0)).unwrap();
+        p.add(Pooled::from_iperf3(&report(1_000_000_000, 2.0)).unwrap());
+        assert!((p.gbps() - 12.0).abs() < 1e-9, "{}", p.gbps());
+        assert!(
+            Pooled::from_iperf3(r#"{"error": "unable to connect to server"}"#)
+                .unwrap_err()
+                .contains("unable to connect")
+        );
+        assert!(
+            Pooled::from_iperf3("iperf3: error")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+        assert!(
+            Pooled::from_iperf3(&report(100, 0.0))
+                .unwrap_err()
+                .contains("no bytes and seconds")
+        );
+    }
+
+    #[test]
+    fn slices_pool_requests_cpu_and_the_highest_rss() {
+        let mut p = Pooled::from_wrk("hm-requests 1000 1000000\nhm-latency 100 1000\n").unwrap();
+        p.cpu_s = 0.5;
+        p.rss_peak_kib = 9000;
+        let mut q = Pooled::from_wrk("hm-requests 3000 1000000\nhm-latency 90 3000\n").unwrap();
+        q.cpu_s = 0.25;
+        q.rss_peak_kib = 8000;
+        p.add(q);
+        assert_eq!(p.rate(), 2000.0);
+        assert_eq!(p.answered, 4000);
+        assert_eq!(p.cpu_s, 0.75);
+        assert_eq!(p.rss_peak_kib, 9000);
     }
 
     #[test]
