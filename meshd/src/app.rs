@@ -404,11 +404,13 @@ impl Meshd {
                 note: "off: capture is disabled".to_string(),
             }
         };
+        let peer_transport = Arc::new(config.proxy.peer_transports()?);
         let outbound = Arc::new(Outbound {
             sockmap: sockmap.accel.clone(),
             mesh: mesh.clone(),
             tunnels: tunnels.clone(),
             transport: config.proxy.transport,
+            peer_transport: peer_transport.clone(),
             balancer: balancer.clone(),
             metrics: proxy_metrics.clone(),
             me: identity.spiffe_id().clone(),
@@ -627,6 +629,8 @@ impl Meshd {
             tunnels: tunnels.clone(),
             capture: capture_rx,
             sockmap: sockmap.clone(),
+            transport: config.proxy.transport,
+            peer_transport,
             scheduler_slice: rt.data_slice.clone(),
             memcpy: rt.memcpy.clone(),
             config_json: serde_json::to_value(&config).unwrap_or_default(),

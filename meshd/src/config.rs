@@ -3,6 +3,7 @@
 //! and its certificates come from what `meshd join` stored in the state
 //! directory. `validate()` runs once at start-up and names the field.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -144,6 +145,13 @@ pub struct ProxySection {
     pub transport: Option<Transport>,
     /// Accept QUIC tunnels on UDP `tunnel_port`.
     pub quic_listen: bool,
+    /// The transport for tunnels to particular peers, over `transport`:
+    /// keys are peer tunnel addresses or networks ("10.20.0.0/16",
+    /// "10.20.0.7"), values tcp, quic or auto; the most specific network
+    /// holding a peer's address decides. For a path where UDP is blocked
+    /// or lossy, or one that carries many concurrent connections (QUIC
+    /// batches them; docs/BENCHMARKS.md, "Many connections").
+    pub peer_transport: BTreeMap<String, Transport>,
     /// Where the local apps listen (meshd connects there for inbound).
     pub app_address: IpAddr,
     pub connect_timeout: Dur,
@@ -262,6 +270,16 @@ fn auto_workers(cores: usize) -> usize {
     (cores / 2).clamp(1, 4)
 }
 
+impl ProxySection {
+    /// `peer_transport`, checked.
+    pub fn peer_transports(&self) -> Result<crate::tunnel::PeerTransports, ConfigError> {
+        crate::tunnel::PeerTransports::new(
+            self.peer_transport.iter().map(|(k, &t)| (k.as_str(), t)),
+        )
+        .map_err(|e| invalid("proxy.peer_transport", e))
+    }
+}
+
 impl Default for ProxySection {
     fn default() -> Self {
         ProxySection {
@@ -269,6 +287,7 @@ impl Default for ProxySection {
             tunnel_port: 15008,
             transport: None,
             quic_listen: true,
+            peer_transport: BTreeMap::new(),
             app_address: "127.0.0.1".parse().expect("valid"),
             connect_timeout: Dur::from_secs(1),
             drain_timeout: Dur::from_secs(10),
@@ -462,6 +481,7 @@ impl MeshdConfig {
         if let Some(cc) = &self.proxy.tunnel_congestion {
             check_congestion(cc, available_congestion().as_deref())?;
         }
+        self.proxy.peer_transports()?;
         let interval = self.health.interval.get();
         if interval < Duration::from_millis(100) || interval > Duration::from_secs(300) {
             return Err(invalid(
@@ -503,6 +523,44 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn peer_transports_are_read_checked_and_named_when_wrong() {
+        let cfg = MeshdConfig::from_toml(
+            "[proxy]\ntransport = \"tcp\"\n\n[proxy.peer_transport]\n\"10.20.0.0/16\" = \"quic\"\n\"10.20.0.7\" = \"tcp\"\n",
+            "t",
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let t = cfg.proxy.peer_transports().unwrap();
+        assert_eq!(
+            t.for_peer("10.20.1.1".parse().unwrap()),
+            Some(Transport::Quic)
+        );
+        assert_eq!(
+            t.for_peer("10.20.0.7".parse().unwrap()),
+            Some(Transport::Tcp)
+        );
+        assert_eq!(t.for_peer("10.30.0.1".parse().unwrap()), None);
+        // A network that is not one: validate names the field and the key.
+        let cfg =
+            MeshdConfig::from_toml("[proxy.peer_transport]\n\"db-1\" = \"quic\"\n", "t").unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("proxy.peer_transport") && e.contains("\"db-1\""),
+            "{e}"
+        );
+        // A transport that is not one is refused when the file is read,
+        // with the line and what is accepted.
+        let e = MeshdConfig::from_toml("[proxy.peer_transport]\n\"10.0.0.0/8\" = \"udp\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"10.0.0.0/8\" = \"udp\"")
+                && e.contains("expected one of `tcp`, `quic`, `auto`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn tunnel_congestion_names_are_checked_against_the_kernel() {

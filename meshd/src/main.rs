@@ -447,6 +447,37 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
             }
             out.push('\n');
         }
+        if v.pointer("/transport/default").is_some() {
+            let setting = |p: &str| match v.pointer(p).and_then(serde_json::Value::as_str) {
+                Some(t) => t.to_string(),
+                None => "unset".to_string(),
+            };
+            out.push_str(&format!(
+                "transport:   {} (this host: {}, the mesh: {})",
+                s("/transport/default"),
+                setting("/transport/host"),
+                setting("/transport/mesh")
+            ));
+            let peers: Vec<String> = v
+                .pointer("/transport/peers")
+                .and_then(serde_json::Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            format!(
+                                "{} {}",
+                                p["network"].as_str().unwrap_or_default(),
+                                p["transport"].as_str().unwrap_or_default()
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !peers.is_empty() {
+                out.push_str(&format!("; to peers in {}", peers.join(", ")));
+            }
+            out.push('\n');
+        }
         if v.pointer("/schedulerSlice").is_some() {
             out.push_str(&format!(
                 "scheduler:   data workers' slice {}\n",

@@ -62,10 +62,22 @@ const TCP_WORKERS: usize = 3;
 /// host 0: controller; 1, 2: web servers; 3: mesh client; 4: a plain host
 /// with no meshd. Tunnels use `transport`.
 fn lab(web_hosts: &[usize], transport: &str) -> MeshLab {
+    lab_with(web_hosts, transport, |_| String::new())
+}
+
+/// [`lab`], with more of every meshd.toml from `extra` (given the lab's
+/// hosts, before any meshd starts).
+fn lab_with(
+    web_hosts: &[usize],
+    transport: &str,
+    extra: impl FnOnce(&MeshLab) -> String,
+) -> MeshLab {
     hostmesh_tests::require_root();
     let mut m = MeshLab::start(5, StoreKind::Embedded, 5);
     let workers = if transport == "tcp" { TCP_WORKERS } else { 0 };
-    m.meshd_extra = format!("[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n");
+    let more = extra(&m);
+    m.meshd_extra =
+        format!("[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n{more}");
     m.apply(MESH);
     for &h in web_hosts {
         m.join(h, "shop/web");
@@ -612,6 +624,71 @@ fn after_meshd_stops_its_table_is_gone_and_direct_traffic_flows(transport: &str)
     );
 }
 
+/// The transport of each outbound connection the client logged as
+/// answered, oldest first, with the endpoint it went to.
+fn logged_transports(m: &MeshLab) -> Vec<(String, String)> {
+    m.meshd_log(CLIENT)
+        .lines()
+        .filter(|l| l.contains("\"direction\":\"outbound\"") && l.contains("\"result\":\"ok\""))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            Some((
+                v["endpoint"].as_str()?.to_string(),
+                v["transport"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn a_host_picks_the_transport_per_peer() {
+    // Every host opens tunnels over TCP, except to host 2's address, which
+    // meshd.toml sends over QUIC.
+    let m = lab_with(&[1, 2], "tcp", |m| {
+        format!(
+            "\n[proxy.peer_transport]\n\"{}\" = \"quic\"\n",
+            m.lab.host(2).addr
+        )
+    });
+    for (h, want) in [(1, "tcp"), (2, "quic"), (1, "tcp"), (2, "quic")] {
+        let addr = m.lab.host(h).addr;
+        let logged_before = logged_transports(&m).len();
+        assert_eq!(
+            m.curl(CLIENT, &format!("http://{addr}:8080/"), 5).unwrap(),
+            format!("web-{h}")
+        );
+        m.eventually(
+            &format!("the connection to host {h} logged over {want}"),
+            Duration::from_secs(5),
+            || {
+                let logged = logged_transports(&m);
+                match logged.get(logged_before..) {
+                    Some([(endpoint, transport)])
+                        if endpoint.starts_with(&format!("{addr}:")) && transport == want =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(format!("{logged:?}")),
+                }
+            },
+        );
+    }
+    // meshd status says what applies to whom.
+    let status: serde_json::Value = serde_json::from_str(
+        &m.lab
+            .http_get(CLIENT, "http://127.0.0.1:15000/status")
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["transport"]["default"], "tcp", "{status}");
+    assert_eq!(status["transport"]["host"], "tcp", "{status}");
+    assert_eq!(
+        status["transport"]["peers"],
+        serde_json::json!([{"network": format!("{}/32", m.lab.host(2).addr), "transport": "quic"}]),
+        "{status}"
+    );
+}
+
 #[test]
 fn quic_falls_back_to_tcp_when_udp_is_blocked() {
     let m = lab(&[1], "quic");
@@ -630,14 +707,8 @@ fn quic_falls_back_to_tcp_when_udp_is_blocked() {
             })
             .and_then(|body| if body == "web-1" { Ok(()) } else { Err(body) })
     });
-    let transports = |m: &MeshLab| -> Vec<String> {
-        m.meshd_log(CLIENT)
-            .lines()
-            .filter(|l| l.contains("\"direction\":\"outbound\"") && l.contains("\"result\":\"ok\""))
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter_map(|v| v["transport"].as_str().map(str::to_string))
-            .collect()
-    };
+    let transports =
+        |m: &MeshLab| -> Vec<String> { logged_transports(m).into_iter().map(|(_, t)| t).collect() };
     m.eventually(
         "the first connection logged",
         Duration::from_secs(5),

@@ -557,6 +557,11 @@ fn deb_installs_offline_joins_with_the_printed_line_runs_hardened_and_purges_cle
     );
     let status = c.sh_ok("meshd status");
     assert!(status.contains("ready:       true"), "{status}");
+    // Neither the mesh nor meshd.toml chooses a transport here.
+    assert!(
+        status.contains("transport:   tcp (this host: unset, the mesh: unset)\n"),
+        "{status}"
+    );
     // The unit's system call filter lets the data worker ask for its
     // scheduler slice (sched_setattr is in @system-service); custom slices
     // need Linux 6.12.
@@ -791,6 +796,9 @@ fn ansible_roles_reach_the_same_state_and_a_second_run_changes_nothing() {
         "hostmesh_meshd_ca_hash": token["caHash"],
         "hostmesh_meshd_package_file": p.meshd_deb,
         "hostmesh_controller_package_file": p.controller_deb,
+        // Rendered as a [proxy.peer_transport] table, which meshd checks
+        // when it starts (no such peers here).
+        "hostmesh_meshd_proxy_peer_transport": {"10.99.0.0/16": "quic", "10.99.0.7": "tcp"},
     });
     let vars_file = work.join("join.json");
     std::fs::write(&vars_file, vars.to_string()).expect("writing join.json");
@@ -856,6 +864,12 @@ fn ansible_roles_reach_the_same_state_and_a_second_run_changes_nothing() {
     );
     let config = node.sh_ok("cat /etc/hostmesh/meshd.toml");
     assert!(config.starts_with("# Ansible managed"), "{config}");
+    assert!(
+        config.contains(
+            "[proxy.peer_transport]\n\"10.99.0.0/16\" = \"quic\"\n\"10.99.0.7\" = \"tcp\"\n"
+        ),
+        "{config}"
+    );
     wait_active(&ctl, "mesh-controller.service");
     let st = ctl.sh_ok("meshctl status");
     assert!(st.contains("No hosts have joined"), "{st}");

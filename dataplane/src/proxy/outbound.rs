@@ -18,7 +18,7 @@ use super::{AccessEntry, ConnLabels, DirectionLabels, ProxyMetrics};
 use crate::drain::Drain;
 use crate::mesh::MeshHandle;
 use crate::tunnel::splice::{Counters, splice};
-use crate::tunnel::{PeerKey, Transport, TunnelError, Tunnels};
+use crate::tunnel::{PeerKey, PeerTransports, Transport, TunnelError, Tunnels};
 use crate::workers::Workers;
 
 const ATTEMPTS: usize = 3;
@@ -28,6 +28,8 @@ pub struct Outbound {
     pub tunnels: Arc<Tunnels>,
     /// This host's transport choice (meshd.toml), over the mesh's.
     pub transport: Option<Transport>,
+    /// Per peer network (meshd.toml), over `transport`.
+    pub peer_transport: Arc<PeerTransports>,
     pub balancer: Arc<Balancer>,
     pub metrics: ProxyMetrics,
     pub me: SpiffeId,
@@ -152,7 +154,7 @@ impl Outbound {
             return;
         };
         let target = port_state.target;
-        let mode = self
+        let host_mode = self
             .transport
             .or_else(|| state.me.as_ref().and_then(|m| m.transport))
             .unwrap_or(Transport::Tcp);
@@ -189,6 +191,10 @@ impl Outbound {
                 addr: endpoint.tunnel_addr(),
                 identity: endpoint.identity().clone(),
             };
+            let mode = self
+                .peer_transport
+                .for_peer(key.addr.ip())
+                .unwrap_or(host_mode);
             let authority = SocketAddr::new(endpoint.address, target).to_string();
             match self
                 .tunnels

@@ -33,7 +33,7 @@ pub mod server;
 pub mod splice;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -251,6 +251,94 @@ impl Transport {
     }
 }
 
+/// Per-peer transports (`proxy.peer_transport` in meshd.toml): networks
+/// of peer tunnel addresses, each with the transport this host opens
+/// tunnels to them with. The most specific network holding a peer's
+/// address decides, so the order they are written in does not matter.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerTransports {
+    /// Longest prefix first.
+    nets: Vec<(ipnet::IpNet, Transport)>,
+}
+
+impl PeerTransports {
+    /// From `network or address = transport` pairs; the error names the
+    /// entry that is wrong and how.
+    pub fn new<'a>(
+        entries: impl IntoIterator<Item = (&'a str, Transport)>,
+    ) -> Result<PeerTransports, String> {
+        let mut nets: Vec<(ipnet::IpNet, Transport, &str)> = Vec::new();
+        for (key, transport) in entries {
+            let net = match key.parse::<IpAddr>() {
+                Ok(ip) => ipnet::IpNet::from(ip),
+                Err(_) => key.parse::<ipnet::IpNet>().map_err(|_| {
+                    format!(
+                        "{key:?} is neither an address nor a network (such as \"10.20.0.0/16\" or \"10.20.0.7\")"
+                    )
+                })?,
+            };
+            if net.trunc() != net {
+                return Err(format!(
+                    "{key:?} has bits set past its prefix; the network is {}",
+                    net.trunc()
+                ));
+            }
+            let net = unmapped(net);
+            if let Some((_, _, other)) = nets.iter().find(|(n, _, _)| *n == net) {
+                return Err(format!("{other:?} and {key:?} are the same network"));
+            }
+            nets.push((net, transport, key));
+        }
+        nets.sort_by_key(|n| std::cmp::Reverse(n.0.prefix_len()));
+        Ok(PeerTransports {
+            nets: nets.into_iter().map(|(n, t, _)| (n, t)).collect(),
+        })
+    }
+
+    /// The transport for a peer at `addr`, if an entry covers it.
+    pub fn for_peer(&self, addr: IpAddr) -> Option<Transport> {
+        let addr = addr.to_canonical();
+        self.nets
+            .iter()
+            .find(|(net, _)| net.contains(&addr))
+            .map(|&(_, t)| t)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
+    /// Each network with its transport, most specific first (for
+    /// `meshd status`).
+    pub fn entries(&self) -> impl Iterator<Item = (ipnet::IpNet, Transport)> + '_ {
+        self.nets.iter().copied()
+    }
+}
+
+/// An IPv4-mapped IPv6 network as the IPv4 network it maps (peers are
+/// compared by their canonical address).
+fn unmapped(net: ipnet::IpNet) -> ipnet::IpNet {
+    match net {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+            Transport::Auto => "auto",
+        }
+    }
+}
+
 /// An open tunnel stream on either transport.
 pub enum Stream {
     H2(hbone::TunnelStream),
@@ -411,5 +499,61 @@ impl Tunnels {
             .open(key, authority, service, early)
             .await
             .map(Stream::H2)
+    }
+}
+
+#[cfg(test)]
+mod peer_transport_tests {
+    use super::{PeerTransports, Transport};
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_most_specific_network_decides_whatever_the_order() {
+        let entries = [
+            ("10.0.0.0/8", Transport::Tcp),
+            ("10.20.0.7", Transport::Tcp),
+            ("10.20.0.0/16", Transport::Quic),
+            ("fd00::/8", Transport::Auto),
+        ];
+        for order in [entries.to_vec(), entries.iter().rev().copied().collect()] {
+            let t = PeerTransports::new(order).unwrap();
+            assert_eq!(t.for_peer(ip("10.20.3.4")), Some(Transport::Quic));
+            assert_eq!(t.for_peer(ip("10.20.0.7")), Some(Transport::Tcp));
+            assert_eq!(t.for_peer(ip("10.9.9.9")), Some(Transport::Tcp));
+            assert_eq!(t.for_peer(ip("192.168.1.1")), None);
+            assert_eq!(t.for_peer(ip("fd00::1")), Some(Transport::Auto));
+            // A peer seen through a dual-stack socket.
+            assert_eq!(t.for_peer(ip("::ffff:10.20.3.4")), Some(Transport::Quic));
+        }
+        let mapped = PeerTransports::new([("::ffff:10.30.0.0/112", Transport::Quic)]).unwrap();
+        assert_eq!(mapped.for_peer(ip("10.30.1.2")), Some(Transport::Quic));
+        assert!(PeerTransports::new([]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_entries_are_named_with_what_is_wrong() {
+        let err = |key: &'static str| PeerTransports::new([(key, Transport::Quic)]).unwrap_err();
+        let e = err("db-1");
+        assert!(
+            e.contains("\"db-1\" is neither an address nor a network"),
+            "{e}"
+        );
+        let e = err("10.0.0.0/33");
+        assert!(e.contains("\"10.0.0.0/33\""), "{e}");
+        let e = err("10.20.0.7/16");
+        assert!(
+            e.contains("past its prefix") && e.contains("10.20.0.0/16"),
+            "{e}"
+        );
+        let e = PeerTransports::new([
+            ("10.0.0.1", Transport::Quic),
+            ("10.0.0.1/32", Transport::Tcp),
+        ])
+        .unwrap_err();
+        assert!(e.contains("are the same network"), "{e}");
     }
 }

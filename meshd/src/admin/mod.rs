@@ -42,6 +42,10 @@ pub struct AdminState {
     pub capture: watch::Receiver<CaptureStatus>,
     /// Socket redirection between apps and meshd.
     pub sockmap: crate::app::SockmapStatus,
+    /// This host's transport setting (meshd.toml), over the mesh's.
+    pub transport: Option<crate::tunnel::Transport>,
+    /// Per peer network, over both.
+    pub peer_transport: Arc<crate::tunnel::PeerTransports>,
     /// The data workers' scheduler slice, in words.
     pub scheduler_slice: String,
     /// What `meshd run` did about glibc's slow copies, in words.
@@ -278,9 +282,30 @@ fn status_json(state: &AdminState) -> Value {
         "captureVersion": state.capture.borrow().version,
         "tunnels": tunnels,
         "sockmap": sockmap_json(&state.sockmap),
+        "transport": transport_json(state, mesh.me.as_ref().and_then(|m| m.transport)),
         "schedulerSlice": state.scheduler_slice,
         "memcpy": state.memcpy,
         "settings": state.config_json,
+    })
+}
+
+/// Which transport tunnels are opened with: this host's setting, the
+/// mesh's, what applies to peers no entry covers, and the per-peer
+/// entries, most specific first.
+fn transport_json(state: &AdminState, mesh: Option<crate::tunnel::Transport>) -> Value {
+    let default = state
+        .transport
+        .or(mesh)
+        .unwrap_or(crate::tunnel::Transport::Tcp);
+    json!({
+        "host": state.transport.map(|t| t.name()),
+        "mesh": mesh.map(|t| t.name()),
+        "default": default.name(),
+        "peers": state
+            .peer_transport
+            .entries()
+            .map(|(net, t)| json!({"network": net.to_string(), "transport": t.name()}))
+            .collect::<Vec<_>>(),
     })
 }
 
