@@ -1920,21 +1920,16 @@ mod tests {
         assert_eq!(p.percentile(91.0), 400.0);
         assert_eq!(p.percentile(0.0), 90.0);
         assert_eq!(Pooled::default().percentile(99.0), 0.0);
-        assert!(
-            Pooled::from_wrk("Requests/sec: 5\n")
-                .unwrap_err()
-                .contains("no summary")
-        );
-        assert!(
-            Pooled::from_wrk("hm-requests 1 x\n")
-                .unwrap_err()
-                .contains("two counts")
-        );
-        assert!(
-            Pooled::from_wrk("hm-requests 0 1000000\n")
-                .unwrap_err()
-                .contains("no latency")
-        );
+        fails_saying(Pooled::from_wrk("Requests/sec: 5\n"), "no summary");
+        fails_saying(Pooled::from_wrk("hm-requests 1 x\n"), "two counts");
+        fails_saying(Pooled::from_wrk("hm-requests 0 1000000\n"), "no latency");
+    }
+
+    fn fails_saying(r: Result<Pooled, String>, words: &str) {
+        match r {
+            Err(e) => assert!(e.contains(words), "{e:?} does not say {words:?}"),
+            Ok(p) => panic!("{p:?} where an error saying {words:?} was due"),
+        }
     }
 
     #[test]
@@ -1942,25 +1937,19 @@ mod tests {
         let report = |bytes: u64, seconds: f64| {
             json!({"end": {"sum_received": {"bytes": bytes, "seconds": seconds}}}).to_string()
         };
-        // 2 s at 20 Gbit/s and 2 s at 4 Gbit/s: 12 Gbit/s over the 4 s, not
-        // the mean of two 5-s-style turns weighted any other way.
+        // 2 s at 20 Gbit/s and 1 s at 8 Gbit/s: 16 Gbit/s over the 3 s (all
+        // the bits over all the time), not 14, the mean of the two rates.
         let mut p = Pooled::from_iperf3(&report(5_000_000_000, 2.0)).unwrap();
-        p.add(Pooled::from_iperf3(&report(1_000_000_000, 2.0)).unwrap());
-        assert!((p.gbps() - 12.0).abs() < 1e-9, "{}", p.gbps());
-        assert!(
-            Pooled::from_iperf3(r#"{"error": "unable to connect to server"}"#)
-                .unwrap_err()
-                .contains("unable to connect")
+        p.add(Pooled::from_iperf3(&report(1_000_000_000, 1.0)).unwrap());
+        assert!((p.gbps() - 16.0).abs() < 1e-9, "{}", p.gbps());
+        fails_saying(
+            Pooled::from_iperf3(r#"{"error": "unable to connect to server"}"#),
+            "unable to connect",
         );
-        assert!(
-            Pooled::from_iperf3("iperf3: error")
-                .unwrap_err()
-                .contains("not JSON")
-        );
-        assert!(
-            Pooled::from_iperf3(&report(100, 0.0))
-                .unwrap_err()
-                .contains("no bytes and seconds")
+        fails_saying(Pooled::from_iperf3("iperf3: error"), "not JSON");
+        fails_saying(
+            Pooled::from_iperf3(&report(100, 0.0)),
+            "no bytes and seconds",
         );
     }
 
@@ -1969,11 +1958,12 @@ mod tests {
         let mut p = Pooled::from_wrk("hm-requests 1000 1000000\nhm-latency 100 1000\n").unwrap();
         p.cpu_s = 0.5;
         p.rss_peak_kib = 9000;
-        let mut q = Pooled::from_wrk("hm-requests 3000 1000000\nhm-latency 90 3000\n").unwrap();
+        let mut q = Pooled::from_wrk("hm-requests 3000 2000000\nhm-latency 90 3000\n").unwrap();
         q.cpu_s = 0.25;
         q.rss_peak_kib = 8000;
         p.add(q);
-        assert_eq!(p.rate(), 2000.0);
+        // 4,000 requests in 3 s, not 1,250 (the mean of 1,000 and 1,500).
+        assert!((p.rate() - 4000.0 / 3.0).abs() < 1e-9, "{}", p.rate());
         assert_eq!(p.answered, 4000);
         assert_eq!(p.cpu_s, 0.75);
         assert_eq!(p.rss_peak_kib, 9000);
