@@ -833,6 +833,13 @@ fn run(o: &Options) {
     let histogram = dir.join("latency-histogram.lua");
     write(&histogram, WRK_HISTOGRAM_LUA);
     let histogram = histogram.display().to_string();
+    // One 1-s wrk slice with `args`, its latencies and rate from the
+    // histogram script.
+    let wrk_slice = |s: &Setup, args: &[&str]| -> Result<Pooled, String> {
+        let mut c = tool(s.host, "wrk");
+        c.args(args).args(["-d1s", "-s", &histogram, &s.http]);
+        Pooled::from_wrk(&run_ok(&mut c))
+    };
     // The throughput lines also run in turns (1-s slices; bulk 2-s), each
     // setup's slices pooled: direct's one-stream bulk alone ranged from
     // 12 to 24 Gbit/s between the 5-s turns of one run on this VM, and a
@@ -858,9 +865,7 @@ fn run(o: &Options) {
                     max
                 })
             };
-            let mut c = tool(s.host, "wrk");
-            c.args(["-t2", "-c32", "-d1s", "-s", &histogram, &s.http]);
-            let mut p = Pooled::from_wrk(&run_ok(&mut c))?;
+            let mut p = wrk_slice(s, &["-t2", "-c32"])?;
             p.cpu_s = cpu_of(&s.proxies) - cpu_before;
             p.rss_peak_kib = sampler.join().unwrap_or(0);
             Ok(p)
@@ -880,20 +885,7 @@ fn run(o: &Options) {
         rounds,
         secs as usize,
         &mut measured,
-        |s| {
-            let mut c = tool(s.host, "wrk");
-            c.args([
-                "-t2",
-                "-c32",
-                "-d1s",
-                "-H",
-                "Connection: close",
-                "-s",
-                &histogram,
-                &s.http,
-            ]);
-            Pooled::from_wrk(&run_ok(&mut c))
-        },
+        |s| wrk_slice(s, &["-t2", "-c32", "-H", "Connection: close"]),
         |p| json!({"new_conns_per_s": p.rate()}),
     );
     take_turns(
@@ -934,11 +926,7 @@ fn run(o: &Options) {
         rounds,
         secs as usize,
         &mut measured,
-        |s| {
-            let mut c = tool(s.host, "wrk");
-            c.args(["-t1", "-c1", "-d1s", "-s", &histogram, &s.http]);
-            Pooled::from_wrk(&run_ok(&mut c))
-        },
+        |s| wrk_slice(s, &["-t1", "-c1"]),
         |p| {
             json!({
                 "latency1_p50_us": p.percentile(50.0),
