@@ -249,6 +249,14 @@ impl Transport {
             _ => None,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+            Transport::Auto => "auto",
+        }
+    }
 }
 
 /// Per-peer transports (`proxy.peer_transport` in meshd.toml): networks
@@ -326,16 +334,6 @@ fn unmapped(net: ipnet::IpNet) -> ipnet::IpNet {
             None => net,
         },
         other => other,
-    }
-}
-
-impl Transport {
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Quic => "quic",
-            Transport::Auto => "auto",
-        }
     }
 }
 
