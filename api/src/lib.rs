@@ -12,6 +12,7 @@
 //!
 //! - [`connect`]: the TLS channel to the controller that meshctl and
 //!   meshd share.
+//! - [`network`]: addresses and networks of hosts as operators write them.
 //!
 //! Nothing here touches storage; only [`connect`] opens sockets.
 
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod document;
 pub mod duration;
 pub mod entry;
+pub mod network;
 pub mod resource;
 pub mod spiffe;
 

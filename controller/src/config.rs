@@ -111,6 +111,86 @@ pub struct MeshConfig {
     /// the peer offers it, falling back to TCP), or "" (each host's own
     /// meshd.toml decides; TCP by default).
     pub transport: String,
+    /// Per pair of host networks, over `transport`: each host applies the
+    /// rules whose `hosts` hold its tunnel address.
+    pub peer_transport: Vec<PeerTransportRule>,
+}
+
+/// A host whose tunnel address is in one of `hosts` (every host when
+/// empty) opens tunnels to peers in one of `peers` with `transport`. For a
+/// peer network that two rules naming the same host both list, the first
+/// rule wins; between networks, the most specific one holding the peer's
+/// address decides (as in meshd.toml's `proxy.peer_transport`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTransportRule {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub peers: Vec<String>,
+    pub transport: String,
+}
+
+/// Rules the controller accepts in `[[mesh.peer_transport]]`, and networks
+/// in one rule's `hosts` or `peers`: every host gets all the rules.
+pub const MAX_PEER_TRANSPORT_RULES: usize = 64;
+pub const MAX_RULE_NETWORKS: usize = 256;
+
+impl MeshConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let transport_ok = |t: &str| matches!(t, "tcp" | "quic" | "auto");
+        if !self.transport.is_empty() && !transport_ok(&self.transport) {
+            return Err(invalid(
+                "mesh.transport",
+                format!("{:?} is not tcp, quic or auto", self.transport),
+            ));
+        }
+        if self.peer_transport.len() > MAX_PEER_TRANSPORT_RULES {
+            return Err(invalid(
+                "mesh.peer_transport",
+                format!(
+                    "{} rules; at most {MAX_PEER_TRANSPORT_RULES}",
+                    self.peer_transport.len()
+                ),
+            ));
+        }
+        for (i, rule) in self.peer_transport.iter().enumerate() {
+            let field = format!("mesh.peer_transport[{i}]");
+            if !transport_ok(&rule.transport) {
+                return Err(invalid(
+                    &format!("{field}.transport"),
+                    format!("{:?} is not tcp, quic or auto", rule.transport),
+                ));
+            }
+            if rule.peers.is_empty() {
+                return Err(invalid(
+                    &format!("{field}.peers"),
+                    "names no network (such as \"10.20.0.0/16\")",
+                ));
+            }
+            for (list, nets) in [("hosts", &rule.hosts), ("peers", &rule.peers)] {
+                if nets.len() > MAX_RULE_NETWORKS {
+                    return Err(invalid(
+                        &format!("{field}.{list}"),
+                        format!("{} networks; at most {MAX_RULE_NETWORKS}", nets.len()),
+                    ));
+                }
+                let mut seen = Vec::with_capacity(nets.len());
+                for (j, text) in nets.iter().enumerate() {
+                    let at = format!("{field}.{list}[{j}]");
+                    let net =
+                        hostmesh_api::network::parse_network(text).map_err(|e| invalid(&at, e))?;
+                    if let Some(k) = seen.iter().position(|n| *n == net) {
+                        return Err(invalid(
+                            &at,
+                            format!("{text:?} is the same network as {list}[{k}]"),
+                        ));
+                    }
+                    seen.push(net);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -372,12 +452,7 @@ impl ControllerConfig {
         if self.listen == self.metrics_listen && self.listen.port() != 0 {
             return Err(invalid("metrics_listen", "must differ from listen"));
         }
-        if !matches!(self.mesh.transport.as_str(), "" | "tcp" | "quic" | "auto") {
-            return Err(invalid(
-                "mesh.transport",
-                format!("{:?} is not tcp, quic or auto", self.mesh.transport),
-            ));
-        }
+        self.mesh.validate()?;
         if !matches!(self.log.format.as_str(), "json" | "text") {
             return Err(invalid(
                 "log.format",
@@ -424,6 +499,67 @@ mod tests {
             let e = cfg.validate().unwrap_err().to_string();
             assert!(e.starts_with(want), "{toml}: {e}");
         }
+    }
+
+    #[test]
+    fn peer_transport_rules_are_read_and_what_is_wrong_is_named() {
+        let text = "[mesh]\ntransport = \"tcp\"\n\n[[mesh.peer_transport]]\nhosts = [\"10.20.0.0/16\"]\npeers = [\"10.30.0.0/16\", \"10.40.0.9\"]\ntransport = \"quic\"\n\n[[mesh.peer_transport]]\npeers = [\"fd00::/64\"]\ntransport = \"auto\"\n";
+        let cfg = ControllerConfig::from_toml(text, "t").unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.mesh.peer_transport.len(), 2);
+        assert_eq!(cfg.mesh.peer_transport[0].hosts, ["10.20.0.0/16"]);
+        assert!(cfg.mesh.peer_transport[1].hosts.is_empty());
+
+        let cases = [
+            (
+                "[[mesh.peer_transport]]\npeers = [\"10.30.0.0/16\"]\ntransport = \"udp\"",
+                "mesh.peer_transport[0].transport: \"udp\" is not tcp, quic or auto",
+            ),
+            (
+                "[[mesh.peer_transport]]\npeers = []\ntransport = \"quic\"",
+                "mesh.peer_transport[0].peers: names no network",
+            ),
+            (
+                "[[mesh.peer_transport]]\npeers = [\"10.30.0.0/16\"]\ntransport = \"quic\"\n[[mesh.peer_transport]]\nhosts = [\"10.20.0.0/16\", \"10.20.0.1/16\"]\npeers = [\"10.30.0.0/16\"]\ntransport = \"tcp\"",
+                "mesh.peer_transport[1].hosts[1]: \"10.20.0.1/16\" has bits set past its prefix; the network is 10.20.0.0/16",
+            ),
+            (
+                "[[mesh.peer_transport]]\npeers = [\"db-1\"]\ntransport = \"quic\"",
+                "mesh.peer_transport[0].peers[0]: \"db-1\" is neither an address nor a network",
+            ),
+            (
+                "[[mesh.peer_transport]]\npeers = [\"10.30.0.7\", \"10.30.0.7/32\"]\ntransport = \"quic\"",
+                "mesh.peer_transport[0].peers[1]: \"10.30.0.7/32\" is the same network as peers[0]",
+            ),
+        ];
+        for (toml, want) in cases {
+            let cfg = ControllerConfig::from_toml(toml, "t").unwrap();
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.starts_with(want), "{toml}: {e}");
+        }
+        let many = "[[mesh.peer_transport]]\npeers = [\"10.0.0.0/8\"]\ntransport = \"tcp\"\n"
+            .repeat(MAX_PEER_TRANSPORT_RULES + 1);
+        let e = ControllerConfig::from_toml(&many, "t")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("mesh.peer_transport: 65 rules; at most 64"),
+            "{e}"
+        );
+        // A rule without `peers` or `transport` is refused by the parse,
+        // which names the file and the missing key.
+        let e = ControllerConfig::from_toml(
+            "[[mesh.peer_transport]]\npeers = [\"10.0.0.0/8\"]\n",
+            "/etc/c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("/etc/c.toml:") && e.contains("transport"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -121,12 +121,7 @@ fn host_target(
             .snapshots
             .get(shared, state, ca_generation, &host.namespace, &host.group);
     let mut entries = group.entries.clone();
-    let me = snapshot::compute_self(
-        state,
-        host,
-        &shared.vip_ranges(),
-        &shared.config.mesh.transport,
-    );
+    let me = snapshot::compute_self(state, host, &shared.vip_ranges(), &shared.config.mesh);
     entries.insert(snapshot::SELF_ENTRY.to_string(), Arc::new(me));
     (entries, changed_at)
 }

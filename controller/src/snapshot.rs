@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use hostmesh_api::entry::make_entry;
 use hostmesh_api::proto::{
-    ConfigEntry, EndpointConfig, EntryKind, HealthCheckConfig, SelfConfig, ServiceConfig,
-    ServicePortConfig, TrustBundle as TrustBundleMsg,
+    ConfigEntry, EndpointConfig, EntryKind, HealthCheckConfig, PeerTransportRule, SelfConfig,
+    ServiceConfig, ServicePortConfig, TrustBundle as TrustBundleMsg,
 };
 use hostmesh_api::resource::{HealthCheckType, Resource};
 use hostmesh_api::tls::TrustBundle;
@@ -207,7 +207,7 @@ pub fn compute_self(
     state: &ClusterState,
     host: &HostContext,
     vip_ranges: &[String],
-    transport: &str,
+    mesh: &crate::config::MeshConfig,
 ) -> ConfigEntry {
     let group = state
         .groups
@@ -247,7 +247,16 @@ pub fn compute_self(
                     .collect()
             })
             .unwrap_or_default(),
-        transport: transport.to_string(),
+        transport: mesh.transport.clone(),
+        peer_transport: mesh
+            .peer_transport
+            .iter()
+            .map(|r| PeerTransportRule {
+                hosts: r.hosts.clone(),
+                peers: r.peers.clone(),
+                transport: r.transport.clone(),
+            })
+            .collect(),
     };
     make_entry(SELF_ENTRY, EntryKind::SelfConfig, config.encode_to_vec())
 }
@@ -492,10 +501,27 @@ spec: {service: web, rules: [{backends: [{subset: {version: v1}}]}]}
             spiffe_id: "spiffe://hostmesh.local/ns/shop/sa/web".into(),
             trust_domain: "hostmesh.local".into(),
         };
-        let e = compute_self(&state(), &host, &["240.240.0.0/16".to_string()], "");
+        let mesh = crate::config::MeshConfig {
+            transport: "tcp".into(),
+            peer_transport: vec![crate::config::PeerTransportRule {
+                hosts: vec!["10.20.0.0/16".into()],
+                peers: vec!["10.30.0.0/16".into(), "10.40.0.9".into()],
+                transport: "quic".into(),
+            }],
+        };
+        let e = compute_self(&state(), &host, &["240.240.0.0/16".to_string()], &mesh);
         assert_eq!(e.kind, EntryKind::SelfConfig as i32);
         let s = SelfConfig::decode(e.body.clone()).unwrap();
         assert_eq!(s.services, vec!["shop/web"]);
+        assert_eq!(s.transport, "tcp");
+        assert_eq!(
+            s.peer_transport,
+            vec![PeerTransportRule {
+                hosts: vec!["10.20.0.0/16".into()],
+                peers: vec!["10.30.0.0/16".into(), "10.40.0.9".into()],
+                transport: "quic".into(),
+            }]
+        );
         assert_eq!(s.labels.get("app").map(String::as_str), Some("web"));
         assert_eq!(served_target_ports(&state(), "shop", "web"), vec![8080]);
     }

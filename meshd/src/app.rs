@@ -285,6 +285,7 @@ impl Meshd {
             host_id: host.host_id.clone(),
             trust_domain: host.trust_domain.clone(),
             own_ports: config.own_ports(),
+            address: Some(address),
         };
         let control = Control::new(
             identity.clone(),

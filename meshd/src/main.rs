@@ -458,23 +458,41 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
                 setting("/transport/host"),
                 setting("/transport/mesh")
             ));
-            let peers: Vec<String> = v
-                .pointer("/transport/peers")
-                .and_then(serde_json::Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|p| {
-                            format!(
-                                "{} {}",
-                                p["network"].as_str().unwrap_or_default(),
-                                p["transport"].as_str().unwrap_or_default()
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            if !peers.is_empty() {
-                out.push_str(&format!("; to peers in {}", peers.join(", ")));
+            let peers = |p: &str| -> Vec<String> {
+                v.pointer(p)
+                    .and_then(serde_json::Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|p| {
+                                format!(
+                                    "{} {}",
+                                    p["network"].as_str().unwrap_or_default(),
+                                    p["transport"].as_str().unwrap_or_default()
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let host_peers = peers("/transport/peers");
+            if !host_peers.is_empty() {
+                out.push_str(&format!("; to peers in {}", host_peers.join(", ")));
+            }
+            let mesh_peers = peers("/transport/meshPeers");
+            if !mesh_peers.is_empty() {
+                let applies = v
+                    .pointer("/transport/meshPeersApply")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                out.push_str(&format!(
+                    "; the mesh's rules for this host: to peers in {}{}",
+                    mesh_peers.join(", "),
+                    if applies {
+                        ""
+                    } else {
+                        " (not used: this host sets its own transport)"
+                    }
+                ));
             }
             out.push('\n');
         }

@@ -57,6 +57,8 @@ pub struct MeshLab {
     pub lease_ttl_s: u64,
     /// Appended to every meshd.toml (e.g. a `[proxy]` transport choice).
     pub meshd_extra: String,
+    /// Appended to controller.toml (read when the controller starts).
+    pub controller_extra: String,
     app_script: PathBuf,
 }
 
@@ -81,6 +83,7 @@ impl MeshLab {
             apps: Vec::new(),
             lease_ttl_s,
             meshd_extra: String::new(),
+            controller_extra: String::new(),
             app_script,
         };
         m.start_controller();
@@ -103,10 +106,11 @@ impl MeshLab {
         std::fs::write(
             &config,
             format!(
-                "store = {store:?}\nlisten = \"0.0.0.0:15012\"\nmetrics_listen = \"127.0.0.1:15014\"\ndata_dir = {:?}\nadvertise_url = {:?}\n[hosts]\nlease_ttl = \"{}s\"\n[log]\nformat = \"text\"\n",
+                "store = {store:?}\nlisten = \"0.0.0.0:15012\"\nmetrics_listen = \"127.0.0.1:15014\"\ndata_dir = {:?}\nadvertise_url = {:?}\n[hosts]\nlease_ttl = \"{}s\"\n[log]\nformat = \"text\"\n{}",
                 dir.display().to_string(),
                 self.controller_url(),
-                self.lease_ttl_s
+                self.lease_ttl_s,
+                self.controller_extra
             ),
         )
         .expect("controller.toml");

@@ -72,12 +72,36 @@ fn lab_with(
     transport: &str,
     extra: impl FnOnce(&MeshLab) -> String,
 ) -> MeshLab {
+    lab_configured(web_hosts, Some(transport), extra, |_| String::new())
+}
+
+/// [`lab_with`], with no `proxy.transport` in meshd.toml when `transport`
+/// is None, and `controller` (given the lab) appended to controller.toml:
+/// the controller restarts with it before any host joins.
+fn lab_configured(
+    web_hosts: &[usize],
+    transport: Option<&str>,
+    extra: impl FnOnce(&MeshLab) -> String,
+    controller: impl FnOnce(&MeshLab) -> String,
+) -> MeshLab {
     hostmesh_tests::require_root();
     let mut m = MeshLab::start(5, StoreKind::Embedded, 5);
-    let workers = if transport == "tcp" { TCP_WORKERS } else { 0 };
+    let controller_extra = controller(&m);
+    if !controller_extra.is_empty() {
+        m.kill_controller();
+        m.controller_extra = controller_extra;
+        m.start_controller();
+    }
+    let workers = if transport == Some("tcp") {
+        TCP_WORKERS
+    } else {
+        0
+    };
     let more = extra(&m);
-    m.meshd_extra =
-        format!("[proxy]\ntransport = {transport:?}\nworker_threads = {workers}\n{more}");
+    let transport = transport
+        .map(|t| format!("transport = {t:?}\n"))
+        .unwrap_or_default();
+    m.meshd_extra = format!("[proxy]\n{transport}worker_threads = {workers}\n{more}");
     m.apply(MESH);
     for &h in web_hosts {
         m.join(h, "shop/web");
@@ -650,29 +674,7 @@ fn a_host_picks_the_transport_per_peer() {
             m.lab.host(2).addr
         )
     });
-    for (h, want) in [(1, "tcp"), (2, "quic"), (1, "tcp"), (2, "quic")] {
-        let addr = m.lab.host(h).addr;
-        let logged_before = logged_transports(&m).len();
-        assert_eq!(
-            m.curl(CLIENT, &format!("http://{addr}:8080/"), 5).unwrap(),
-            format!("web-{h}")
-        );
-        m.eventually(
-            &format!("the connection to host {h} logged over {want}"),
-            Duration::from_secs(5),
-            || {
-                let logged = logged_transports(&m);
-                match logged.get(logged_before..) {
-                    Some([(endpoint, transport)])
-                        if endpoint.starts_with(&format!("{addr}:")) && transport == want =>
-                    {
-                        Ok(())
-                    }
-                    _ => Err(format!("{logged:?}")),
-                }
-            },
-        );
-    }
+    transports_alternate(&m, ["tcp", "quic"]);
     // meshd status says what applies to whom.
     let status: serde_json::Value = serde_json::from_str(
         &m.lab
@@ -687,6 +689,85 @@ fn a_host_picks_the_transport_per_peer() {
         serde_json::json!([{"network": format!("{}/32", m.lab.host(2).addr), "transport": "quic"}]),
         "{status}"
     );
+}
+
+/// Connects to host 1 and host 2 in turn, twice, and checks that each
+/// connection was logged to that host over the transport `want` gives it.
+fn transports_alternate(m: &MeshLab, want: [&str; 2]) {
+    for h in [1, 2, 1, 2] {
+        let want = want[h - 1];
+        let addr = m.lab.host(h).addr;
+        let logged_before = logged_transports(m).len();
+        assert_eq!(
+            m.curl(CLIENT, &format!("http://{addr}:8080/"), 5).unwrap(),
+            format!("web-{h}")
+        );
+        m.eventually(
+            &format!("the connection to host {h} logged over {want}"),
+            Duration::from_secs(5),
+            || {
+                let logged = logged_transports(m);
+                match logged.get(logged_before..) {
+                    Some([(endpoint, transport)])
+                        if endpoint.starts_with(&format!("{addr}:")) && transport == want =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(format!("{logged:?}")),
+                }
+            },
+        );
+    }
+}
+
+#[test]
+fn the_mesh_picks_the_transport_per_host_pair() {
+    // No host sets a transport in meshd.toml: the controller decides. The
+    // mesh says TCP; a rule naming the client's address sends its tunnels
+    // to host 2 over QUIC; a rule naming only the web hosts would send
+    // tunnels to host 1 over QUIC, and does not apply to the client.
+    let m = lab_configured(
+        &[1, 2],
+        None,
+        |_| String::new(),
+        |m| {
+            let (c, h1, h2) = (
+                m.lab.host(CLIENT).addr,
+                m.lab.host(1).addr,
+                m.lab.host(2).addr,
+            );
+            format!(
+                "[mesh]\ntransport = \"tcp\"\n\n[[mesh.peer_transport]]\nhosts = [\"{h1}\", \"{h2}\"]\npeers = [\"{h1}\"]\ntransport = \"quic\"\n\n[[mesh.peer_transport]]\nhosts = [\"{c}\"]\npeers = [\"{h2}\"]\ntransport = \"quic\"\n"
+            )
+        },
+    );
+    transports_alternate(&m, ["tcp", "quic"]);
+    let status: serde_json::Value = serde_json::from_str(
+        &m.lab
+            .http_get(CLIENT, "http://127.0.0.1:15000/status")
+            .unwrap(),
+    )
+    .unwrap();
+    let t = &status["transport"];
+    assert_eq!(t["default"], "tcp", "{status}");
+    assert_eq!(t["host"], serde_json::Value::Null, "{status}");
+    assert_eq!(t["mesh"], "tcp", "{status}");
+    assert_eq!(t["peers"], serde_json::json!([]), "{status}");
+    assert_eq!(
+        t["meshPeers"],
+        serde_json::json!([{"network": format!("{}/32", m.lab.host(2).addr), "transport": "quic"}]),
+        "{status}"
+    );
+    assert_eq!(t["meshPeersApply"], true, "{status}");
+    let text = m.lab.sh_ok(
+        CLIENT,
+        &format!("{} status", hostmesh_tests::bin("meshd").display()),
+    );
+    let want = format!(
+        "transport:   tcp (this host: unset, the mesh: tcp); the mesh's rules for this host: to peers in {}/32 quic\n",
+        m.lab.host(2).addr
+    );
+    assert!(text.contains(&want), "{text}");
 }
 
 #[test]

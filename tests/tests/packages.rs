@@ -799,6 +799,12 @@ fn ansible_roles_reach_the_same_state_and_a_second_run_changes_nothing() {
         // Rendered as a [proxy.peer_transport] table, which meshd checks
         // when it starts (no such peers here).
         "hostmesh_meshd_proxy_peer_transport": {"10.99.0.0/16": "quic", "10.99.0.7": "tcp"},
+        // Rendered as [[mesh.peer_transport]] tables, which the controller
+        // checks when it starts.
+        "hostmesh_controller_mesh_peer_transport": [
+            {"hosts": ["10.99.0.0/16"], "peers": ["10.98.0.0/16", "10.97.0.7"], "transport": "quic"},
+            {"peers": ["10.96.0.0/16"], "transport": "tcp"},
+        ],
     });
     let vars_file = work.join("join.json");
     std::fs::write(&vars_file, vars.to_string()).expect("writing join.json");
@@ -867,6 +873,13 @@ fn ansible_roles_reach_the_same_state_and_a_second_run_changes_nothing() {
     assert!(
         config.contains(
             "[proxy.peer_transport]\n\"10.99.0.0/16\" = \"quic\"\n\"10.99.0.7\" = \"tcp\"\n"
+        ),
+        "{config}"
+    );
+    let config = ctl.sh_ok("cat /etc/hostmesh/controller.toml");
+    assert!(
+        config.contains(
+            "[[mesh.peer_transport]]\nhosts = [\"10.99.0.0/16\"]\npeers = [\"10.98.0.0/16\", \"10.97.0.7\"]\ntransport = \"quic\"\n\n[[mesh.peer_transport]]\nhosts = []\npeers = [\"10.96.0.0/16\"]\ntransport = \"tcp\"\n"
         ),
         "{config}"
     );

@@ -45,6 +45,9 @@ pub struct SelfInfo {
     pub health_checks: Vec<HealthCheck>,
     /// The mesh's tunnel transport, when it sets one.
     pub transport: Option<crate::tunnel::Transport>,
+    /// The mesh's per-peer transports for this host: from the rules whose
+    /// `hosts` hold [`HostLimits::address`] (or that name no hosts).
+    pub peer_transport: Arc<crate::tunnel::PeerTransports>,
 }
 
 /// How to check one local port.
@@ -187,6 +190,9 @@ pub struct HostLimits {
     pub trust_domain: String,
     /// meshd's own ports on this host.
     pub own_ports: Vec<u16>,
+    /// The tunnel address this host reports to the controller: which of
+    /// the mesh's per-pair transport rules name it.
+    pub address: Option<IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -487,7 +493,69 @@ fn self_info(s: &SelfConfig, limits: &HostLimits) -> Result<SelfInfo, String> {
                     .ok_or_else(|| format!("self.transport {t:?} is not tcp, quic or auto"))?,
             ),
         },
+        peer_transport: Arc::new(peer_transport_for(&s.peer_transport, limits.address)?),
     })
+}
+
+/// The rules most a config may hold, and the networks in one rule's list
+/// (the controller refuses more; a bigger message is not from it).
+const MAX_PEER_TRANSPORT_RULES: usize = 64;
+const MAX_RULE_NETWORKS: usize = 256;
+
+/// The mesh's per-pair transport rules as they apply to the host at
+/// `address`: every rule is checked (a bad one rejects the update, named),
+/// and the peer networks of those that name this host are kept, the first
+/// rule winning for a network that two of them list.
+fn peer_transport_for(
+    rules: &[hostmesh_api::proto::PeerTransportRule],
+    address: Option<IpAddr>,
+) -> Result<crate::tunnel::PeerTransports, String> {
+    use hostmesh_api::network::parse_network;
+    if rules.len() > MAX_PEER_TRANSPORT_RULES {
+        return Err(format!(
+            "self.peer_transport: {} rules; at most {MAX_PEER_TRANSPORT_RULES}",
+            rules.len()
+        ));
+    }
+    let address = address.map(|a| a.to_canonical());
+    let mut nets: Vec<(IpNet, crate::tunnel::Transport)> = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("self.peer_transport[{i}]");
+        let transport = crate::tunnel::Transport::parse(&rule.transport).ok_or_else(|| {
+            format!(
+                "{at}.transport {:?} is not tcp, quic or auto",
+                rule.transport
+            )
+        })?;
+        if rule.peers.is_empty() {
+            return Err(format!("{at}.peers names no network"));
+        }
+        let read = |list: &str, texts: &[String]| -> Result<Vec<IpNet>, String> {
+            if texts.len() > MAX_RULE_NETWORKS {
+                return Err(format!(
+                    "{at}.{list}: {} networks; at most {MAX_RULE_NETWORKS}",
+                    texts.len()
+                ));
+            }
+            texts
+                .iter()
+                .enumerate()
+                .map(|(j, t)| parse_network(t).map_err(|e| format!("{at}.{list}[{j}]: {e}")))
+                .collect()
+        };
+        let hosts = read("hosts", &rule.hosts)?;
+        let peers = read("peers", &rule.peers)?;
+        let names_me =
+            hosts.is_empty() || address.is_some_and(|a| hosts.iter().any(|n| n.contains(&a)));
+        if names_me {
+            for net in peers {
+                if !nets.iter().any(|(n, _)| *n == net) {
+                    nets.push((net, transport));
+                }
+            }
+        }
+    }
+    Ok(crate::tunnel::PeerTransports::from_nets(nets))
 }
 
 fn decode_json(entry: &ConfigEntry) -> Result<Resource, String> {
@@ -687,7 +755,7 @@ impl MeshHandle {
 pub(crate) mod tests {
     use super::*;
     use hostmesh_api::entry::make_entry;
-    use hostmesh_api::proto::{ConfigUpdate, ServicePortConfig};
+    use hostmesh_api::proto::{ConfigUpdate, PeerTransportRule, ServicePortConfig};
 
     pub(crate) fn service_entry(name: &str, svc: ServiceConfig) -> ConfigEntry {
         make_entry(name, EntryKind::Service, svc.encode_to_vec())
@@ -732,6 +800,7 @@ pub(crate) mod tests {
                 vip_ranges: vec!["240.240.0.0/16".into()],
                 health_checks: vec![],
                 transport: String::new(),
+                peer_transport: vec![],
             }
             .encode_to_vec(),
         )
@@ -753,7 +822,99 @@ pub(crate) mod tests {
             host_id: "web-1".into(),
             trust_domain: "hostmesh.local".into(),
             own_ports: vec![15000, 15001, 15008, 15053],
+            address: Some("10.20.0.5".parse().unwrap()),
         }
+    }
+
+    fn rule(hosts: &[&str], peers: &[&str], transport: &str) -> PeerTransportRule {
+        PeerTransportRule {
+            hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            peers: peers.iter().map(|s| s.to_string()).collect(),
+            transport: transport.into(),
+        }
+    }
+
+    #[test]
+    fn the_mesh_per_pair_transports_are_those_of_the_rules_naming_this_host() {
+        use crate::tunnel::Transport::{Auto, Quic, Tcp};
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let rules = [
+            // Not this host (10.20.0.5).
+            rule(&["10.30.0.0/16"], &["10.20.0.0/16"], "quic"),
+            rule(&["10.20.0.0/16"], &["10.30.0.0/16", "10.40.0.9"], "quic"),
+            // Same network as the rule before: the first rule wins.
+            rule(&[], &["10.30.0.0/16"], "tcp"),
+            // Every host; a more specific network than the one above.
+            rule(&[], &["10.30.7.0/24", "fd00::/64"], "auto"),
+        ];
+        let t = peer_transport_for(&rules, Some(ip("10.20.0.5"))).unwrap();
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Quic));
+        assert_eq!(t.for_peer(ip("10.30.7.1")), Some(Auto));
+        assert_eq!(t.for_peer(ip("10.40.0.9")), Some(Quic));
+        assert_eq!(t.for_peer(ip("fd00::9")), Some(Auto));
+        assert_eq!(t.for_peer(ip("10.20.0.6")), None);
+        // A host in 10.30/16: the first rule, then the every-host ones.
+        let t = peer_transport_for(&rules, Some(ip("::ffff:10.30.0.8"))).unwrap();
+        assert_eq!(t.for_peer(ip("10.20.0.6")), Some(Quic));
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.40.0.9")), None);
+        // A host whose address is not known gets the every-host rules only.
+        let t = peer_transport_for(&rules, None).unwrap();
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.20.0.6")), None);
+        assert!(
+            peer_transport_for(&[], Some(ip("10.20.0.5")))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_bad_per_pair_rule_rejects_the_update_and_says_what_is_wrong() {
+        let at = Some("10.20.0.5".parse().unwrap());
+        let cases = [
+            (
+                rule(&[], &["10.30.0.0/16"], "udp"),
+                "self.peer_transport[1].transport \"udp\" is not tcp, quic or auto",
+            ),
+            (
+                rule(&["10.30.0.0/16"], &[], "quic"),
+                "self.peer_transport[1].peers names no network",
+            ),
+            (
+                rule(&["10.9.0.0/16"], &["10.30.0.1/16"], "quic"),
+                "self.peer_transport[1].peers[0]: \"10.30.0.1/16\" has bits set past its prefix",
+            ),
+            (
+                rule(&["db"], &["10.30.0.0/16"], "quic"),
+                "self.peer_transport[1].hosts[0]: \"db\" is neither an address nor a network",
+            ),
+        ];
+        for (bad, want) in cases {
+            // Checked even where the rule does not name this host.
+            let e = peer_transport_for(&[rule(&[], &["10.1.0.0/16"], "tcp"), bad], at).unwrap_err();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let too_many = vec![rule(&[], &["10.1.0.0/16"], "tcp"); MAX_PEER_TRANSPORT_RULES + 1];
+        assert!(
+            peer_transport_for(&too_many, at)
+                .unwrap_err()
+                .contains("65 rules; at most 64")
+        );
+
+        // Through a whole update: the build fails, naming the entry's field.
+        let mut me = SelfConfig::decode(self_entry("web-1", &[]).body).unwrap();
+        me.peer_transport = vec![rule(&[], &["10.30.0.0/16"], "udp")];
+        let snap = snapshot(vec![make_entry(
+            "self",
+            EntryKind::SelfConfig,
+            me.encode_to_vec(),
+        )]);
+        let e = MeshState::build(&snap, &limits(), None).unwrap_err();
+        assert!(
+            e.contains("self.peer_transport[0].transport \"udp\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::{AccessEntry, ConnLabels, DirectionLabels, ProxyMetrics};
 use crate::drain::Drain;
 use crate::mesh::MeshHandle;
 use crate::tunnel::splice::{Counters, splice};
-use crate::tunnel::{PeerKey, PeerTransports, Transport, TunnelError, Tunnels};
+use crate::tunnel::{PeerKey, PeerTransports, Transport, TransportChoice, TunnelError, Tunnels};
 use crate::workers::Workers;
 
 const ATTEMPTS: usize = 3;
@@ -154,10 +154,13 @@ impl Outbound {
             return;
         };
         let target = port_state.target;
-        let host_mode = self
-            .transport
-            .or_else(|| state.me.as_ref().and_then(|m| m.transport))
-            .unwrap_or(Transport::Tcp);
+        let no_rules = PeerTransports::default();
+        let choice = TransportChoice {
+            host_peers: &self.peer_transport,
+            host: self.transport,
+            mesh_peers: state.me.as_ref().map_or(&no_rules, |m| &*m.peer_transport),
+            mesh: state.me.as_ref().and_then(|m| m.transport),
+        };
         let early = match early_data(&socket) {
             Ok(e) => e,
             Err(e) => {
@@ -191,10 +194,7 @@ impl Outbound {
                 addr: endpoint.tunnel_addr(),
                 identity: endpoint.identity().clone(),
             };
-            let mode = self
-                .peer_transport
-                .for_peer(key.addr.ip())
-                .unwrap_or(host_mode);
+            let mode = choice.for_peer(key.addr.ip());
             let authority = SocketAddr::new(endpoint.address, target).to_string();
             match self
                 .tunnels

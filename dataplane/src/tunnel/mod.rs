@@ -259,11 +259,13 @@ impl Transport {
     }
 }
 
-/// Per-peer transports (`proxy.peer_transport` in meshd.toml): networks
-/// of peer tunnel addresses, each with the transport this host opens
-/// tunnels to them with. The most specific network holding a peer's
-/// address decides, so the order they are written in does not matter.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Per-peer transports: networks of peer tunnel addresses, each with the
+/// transport this host opens tunnels to them with. Two sets of them apply:
+/// this host's own (`proxy.peer_transport` in meshd.toml) and the mesh's
+/// (the controller's `[[mesh.peer_transport]]` rules that name this host).
+/// Within a set the most specific network holding a peer's address
+/// decides, so the order they are written in does not matter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerTransports {
     /// Longest prefix first.
     nets: Vec<(ipnet::IpNet, Transport)>,
@@ -277,30 +279,21 @@ impl PeerTransports {
     ) -> Result<PeerTransports, String> {
         let mut nets: Vec<(ipnet::IpNet, Transport, &str)> = Vec::new();
         for (key, transport) in entries {
-            let net = match key.parse::<IpAddr>() {
-                Ok(ip) => ipnet::IpNet::from(ip),
-                Err(_) => key.parse::<ipnet::IpNet>().map_err(|_| {
-                    format!(
-                        "{key:?} is neither an address nor a network (such as \"10.20.0.0/16\" or \"10.20.0.7\")"
-                    )
-                })?,
-            };
-            if net.trunc() != net {
-                return Err(format!(
-                    "{key:?} has bits set past its prefix; the network is {}",
-                    net.trunc()
-                ));
-            }
-            let net = unmapped(net);
+            let net = hostmesh_api::network::parse_network(key)?;
             if let Some((_, _, other)) = nets.iter().find(|(n, _, _)| *n == net) {
                 return Err(format!("{other:?} and {key:?} are the same network"));
             }
             nets.push((net, transport, key));
         }
+        Ok(PeerTransports::from_nets(
+            nets.into_iter().map(|(n, t, _)| (n, t)).collect(),
+        ))
+    }
+
+    /// From networks already read and checked, none twice.
+    pub fn from_nets(mut nets: Vec<(ipnet::IpNet, Transport)>) -> PeerTransports {
         nets.sort_by_key(|n| std::cmp::Reverse(n.0.prefix_len()));
-        Ok(PeerTransports {
-            nets: nets.into_iter().map(|(n, t, _)| (n, t)).collect(),
-        })
+        PeerTransports { nets }
     }
 
     /// The transport for a peer at `addr`, if an entry covers it.
@@ -323,17 +316,37 @@ impl PeerTransports {
     }
 }
 
-/// An IPv4-mapped IPv6 network as the IPv4 network it maps (peers are
-/// compared by their canonical address).
-fn unmapped(net: ipnet::IpNet) -> ipnet::IpNet {
-    match net {
-        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
-            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
-                .map(ipnet::IpNet::V4)
-                .unwrap_or(net),
-            None => net,
-        },
-        other => other,
+/// Everything that decides the transport to a peer, most local first:
+/// this host's per-peer entries, this host's setting, the mesh's per-pair
+/// rules that name this host, the mesh's setting; TCP when none does. A
+/// host's own meshd.toml thus always has the last word (a host where UDP
+/// is blocked sets `proxy.transport = "tcp"` whatever the mesh says).
+pub struct TransportChoice<'a> {
+    pub host_peers: &'a PeerTransports,
+    pub host: Option<Transport>,
+    pub mesh_peers: &'a PeerTransports,
+    pub mesh: Option<Transport>,
+}
+
+impl TransportChoice<'_> {
+    pub fn for_peer(&self, addr: IpAddr) -> Transport {
+        self.host_peers
+            .for_peer(addr)
+            .or(self.host)
+            .or_else(|| self.mesh_peers.for_peer(addr))
+            .or(self.mesh)
+            .unwrap_or(Transport::Tcp)
+    }
+
+    /// What applies to a peer no per-peer entry or rule covers.
+    pub fn default(&self) -> Transport {
+        self.host.or(self.mesh).unwrap_or(Transport::Tcp)
+    }
+
+    /// Whether the mesh's per-pair rules can decide anything here (not
+    /// when this host sets its own transport).
+    pub fn mesh_peers_apply(&self) -> bool {
+        self.host.is_none() && !self.mesh_peers.is_empty()
     }
 }
 
@@ -502,11 +515,61 @@ impl Tunnels {
 
 #[cfg(test)]
 mod peer_transport_tests {
-    use super::{PeerTransports, Transport};
+    use super::{PeerTransports, Transport, TransportChoice};
     use std::net::IpAddr;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_host_decides_over_the_mesh_and_a_peer_entry_over_a_setting() {
+        use Transport::{Auto, Quic, Tcp};
+        let host_peers = PeerTransports::new([("10.20.0.7", Tcp)]).unwrap();
+        let mesh_peers =
+            PeerTransports::new([("10.20.0.0/16", Quic), ("10.30.0.0/16", Auto)]).unwrap();
+        let none = PeerTransports::default();
+        let choice = |hp: &PeerTransports, host, mp: &PeerTransports, mesh| {
+            let c = TransportChoice {
+                host_peers: hp,
+                host,
+                mesh_peers: mp,
+                mesh,
+            };
+            (
+                c.for_peer(ip("10.20.0.7")),
+                c.for_peer(ip("10.20.0.8")),
+                c.for_peer(ip("10.30.0.1")),
+                c.for_peer(ip("10.40.0.1")),
+                c.default(),
+                c.mesh_peers_apply(),
+            )
+        };
+        // Nothing set: TCP.
+        assert_eq!(
+            choice(&none, None, &none, None),
+            (Tcp, Tcp, Tcp, Tcp, Tcp, false)
+        );
+        // The mesh's rules over the mesh's setting.
+        assert_eq!(
+            choice(&none, None, &mesh_peers, Some(Tcp)),
+            (Quic, Quic, Auto, Tcp, Tcp, true)
+        );
+        // The host's per-peer entry over the mesh's rules.
+        assert_eq!(
+            choice(&host_peers, None, &mesh_peers, None),
+            (Tcp, Quic, Auto, Tcp, Tcp, true)
+        );
+        // The host's setting over everything the mesh says.
+        assert_eq!(
+            choice(&none, Some(Tcp), &mesh_peers, Some(Quic)),
+            (Tcp, Tcp, Tcp, Tcp, Tcp, false)
+        );
+        // And its per-peer entries over its own setting.
+        assert_eq!(
+            choice(&host_peers, Some(Quic), &mesh_peers, None),
+            (Tcp, Quic, Quic, Quic, Quic, false)
+        );
     }
 
     #[test]

@@ -282,7 +282,7 @@ fn status_json(state: &AdminState) -> Value {
         "captureVersion": state.capture.borrow().version,
         "tunnels": tunnels,
         "sockmap": sockmap_json(&state.sockmap),
-        "transport": transport_json(state, mesh.me.as_ref().and_then(|m| m.transport)),
+        "transport": transport_json(state, mesh.me.as_ref()),
         "schedulerSlice": state.scheduler_slice,
         "memcpy": state.memcpy,
         "settings": state.config_json,
@@ -290,22 +290,29 @@ fn status_json(state: &AdminState) -> Value {
 }
 
 /// Which transport tunnels are opened with: this host's setting, the
-/// mesh's, what applies to peers no entry covers, and the per-peer
-/// entries, most specific first.
-fn transport_json(state: &AdminState, mesh: Option<crate::tunnel::Transport>) -> Value {
-    let default = state
-        .transport
-        .or(mesh)
-        .unwrap_or(crate::tunnel::Transport::Tcp);
-    json!({
-        "host": state.transport.map(|t| t.name()),
-        "mesh": mesh.map(|t| t.name()),
-        "default": default.name(),
-        "peers": state
-            .peer_transport
-            .entries()
+/// mesh's, what applies to peers no entry covers, this host's per-peer
+/// entries and the mesh's per-pair rules that name this host (each most
+/// specific first), and whether the mesh's can decide anything here.
+fn transport_json(state: &AdminState, me: Option<&crate::mesh::SelfInfo>) -> Value {
+    let no_rules = crate::tunnel::PeerTransports::default();
+    let choice = crate::tunnel::TransportChoice {
+        host_peers: &state.peer_transport,
+        host: state.transport,
+        mesh_peers: me.map_or(&no_rules, |m| &*m.peer_transport),
+        mesh: me.and_then(|m| m.transport),
+    };
+    let list = |p: &crate::tunnel::PeerTransports| {
+        p.entries()
             .map(|(net, t)| json!({"network": net.to_string(), "transport": t.name()}))
-            .collect::<Vec<_>>(),
+            .collect::<Vec<_>>()
+    };
+    json!({
+        "host": choice.host.map(|t| t.name()),
+        "mesh": choice.mesh.map(|t| t.name()),
+        "default": choice.default().name(),
+        "peers": list(choice.host_peers),
+        "meshPeers": list(choice.mesh_peers),
+        "meshPeersApply": choice.mesh_peers_apply(),
     })
 }
 

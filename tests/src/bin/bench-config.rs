@@ -1187,6 +1187,7 @@ fn big_snapshot(
             vip_ranges: vec!["240.240.0.0/16".to_string(), "fd00:240::/96".to_string()],
             health_checks: Vec::new(),
             transport: String::new(),
+            peer_transport: Vec::new(),
         }
         .encode_to_vec(),
     ));
@@ -1461,6 +1462,7 @@ fn measure_snapshot(args: &[String]) -> anyhow::Result<String> {
         host_id: host_id.clone(),
         trust_domain: trust_domain.clone(),
         own_ports: vec![15000, 15001, 15008, 15053],
+        address: None,
     };
     let state = MeshState::build(&snapshot, &limits, None).map_err(|e| anyhow!("{path}: {e}"))?;
     let built = rss()?;
