@@ -116,16 +116,17 @@ pub struct MeshConfig {
     pub peer_transport: Vec<PeerTransportRule>,
 }
 
-/// A host whose tunnel address is in one of `hosts` (every host when
-/// empty) opens tunnels to peers in one of `peers` with `transport`. For a
-/// peer network that two rules naming the same host both list, the first
-/// rule wins; between networks, the most specific one holding the peer's
-/// address decides (as in meshd.toml's `proxy.peer_transport`).
+/// A host whose tunnel address is in one of `hosts` (every host when left
+/// out) opens tunnels to peers in one of `peers` with `transport`. Rules
+/// are tried in order: the first that names the host and holds the peer's
+/// address decides, so exceptions go first.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct PeerTransportRule {
-    #[serde(default)]
-    pub hosts: Vec<String>,
+    /// None: every host. An empty list is refused rather than read as
+    /// every host (a list that came out empty should not widen a rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
     pub peers: Vec<String>,
     pub transport: String,
 }
@@ -167,25 +168,31 @@ impl MeshConfig {
                     "names no network (such as \"10.20.0.0/16\")",
                 ));
             }
-            for (list, nets) in [("hosts", &rule.hosts), ("peers", &rule.peers)] {
+            if rule.hosts.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(
+                    &format!("{field}.hosts"),
+                    "names no host; leave `hosts` out for a rule for every host",
+                ));
+            }
+            let hosts = rule.hosts.as_deref().unwrap_or_default();
+            for (list, nets) in [("hosts", hosts), ("peers", rule.peers.as_slice())] {
                 if nets.len() > MAX_RULE_NETWORKS {
                     return Err(invalid(
                         &format!("{field}.{list}"),
                         format!("{} networks; at most {MAX_RULE_NETWORKS}", nets.len()),
                     ));
                 }
-                let mut seen = Vec::with_capacity(nets.len());
+                let mut seen = std::collections::HashMap::with_capacity(nets.len());
                 for (j, text) in nets.iter().enumerate() {
                     let at = format!("{field}.{list}[{j}]");
                     let net =
                         hostmesh_api::network::parse_network(text).map_err(|e| invalid(&at, e))?;
-                    if let Some(k) = seen.iter().position(|n| *n == net) {
+                    if let Some(k) = seen.insert(net, j) {
                         return Err(invalid(
                             &at,
                             format!("{text:?} is the same network as {list}[{k}]"),
                         ));
                     }
-                    seen.push(net);
                 }
             }
         }
@@ -507,8 +514,11 @@ mod tests {
         let cfg = ControllerConfig::from_toml(text, "t").unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.mesh.peer_transport.len(), 2);
-        assert_eq!(cfg.mesh.peer_transport[0].hosts, ["10.20.0.0/16"]);
-        assert!(cfg.mesh.peer_transport[1].hosts.is_empty());
+        assert_eq!(
+            cfg.mesh.peer_transport[0].hosts,
+            Some(vec!["10.20.0.0/16".to_string()])
+        );
+        assert_eq!(cfg.mesh.peer_transport[1].hosts, None);
 
         let cases = [
             (
@@ -518,6 +528,10 @@ mod tests {
             (
                 "[[mesh.peer_transport]]\npeers = []\ntransport = \"quic\"",
                 "mesh.peer_transport[0].peers: names no network",
+            ),
+            (
+                "[[mesh.peer_transport]]\nhosts = []\npeers = [\"10.30.0.0/16\"]\ntransport = \"quic\"",
+                "mesh.peer_transport[0].hosts: names no host; leave `hosts` out",
             ),
             (
                 "[[mesh.peer_transport]]\npeers = [\"10.30.0.0/16\"]\ntransport = \"quic\"\n[[mesh.peer_transport]]\nhosts = [\"10.20.0.0/16\", \"10.20.0.1/16\"]\npeers = [\"10.30.0.0/16\"]\ntransport = \"tcp\"",

@@ -252,7 +252,7 @@ pub fn compute_self(
             .peer_transport
             .iter()
             .map(|r| PeerTransportRule {
-                hosts: r.hosts.clone(),
+                hosts: r.hosts.clone().unwrap_or_default(),
                 peers: r.peers.clone(),
                 transport: r.transport.clone(),
             })
@@ -504,7 +504,7 @@ spec: {service: web, rules: [{backends: [{subset: {version: v1}}]}]}
         let mesh = crate::config::MeshConfig {
             transport: "tcp".into(),
             peer_transport: vec![crate::config::PeerTransportRule {
-                hosts: vec!["10.20.0.0/16".into()],
+                hosts: Some(vec!["10.20.0.0/16".into()]),
                 peers: vec!["10.30.0.0/16".into(), "10.40.0.9".into()],
                 transport: "quic".into(),
             }],

@@ -879,7 +879,7 @@ fn ansible_roles_reach_the_same_state_and_a_second_run_changes_nothing() {
     let config = ctl.sh_ok("cat /etc/hostmesh/controller.toml");
     assert!(
         config.contains(
-            "[[mesh.peer_transport]]\nhosts = [\"10.99.0.0/16\"]\npeers = [\"10.98.0.0/16\", \"10.97.0.7\"]\ntransport = \"quic\"\n\n[[mesh.peer_transport]]\nhosts = []\npeers = [\"10.96.0.0/16\"]\ntransport = \"tcp\"\n"
+            "[[mesh.peer_transport]]\nhosts = [\"10.99.0.0/16\"]\npeers = [\"10.98.0.0/16\", \"10.97.0.7\"]\ntransport = \"quic\"\n\n[[mesh.peer_transport]]\npeers = [\"10.96.0.0/16\"]\ntransport = \"tcp\"\n"
         ),
         "{config}"
     );

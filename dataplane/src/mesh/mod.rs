@@ -504,8 +504,8 @@ const MAX_RULE_NETWORKS: usize = 256;
 
 /// The mesh's per-pair transport rules as they apply to the host at
 /// `address`: every rule is checked (a bad one rejects the update, named),
-/// and the peer networks of those that name this host are kept, the first
-/// rule winning for a network that two of them list.
+/// and the peer networks of those that name this host are kept, ranked by
+/// the rule's position: the first rule holding a peer's address decides.
 fn peer_transport_for(
     rules: &[hostmesh_api::proto::PeerTransportRule],
     address: Option<IpAddr>,
@@ -518,7 +518,7 @@ fn peer_transport_for(
         ));
     }
     let address = address.map(|a| a.to_canonical());
-    let mut nets: Vec<(IpNet, crate::tunnel::Transport)> = Vec::new();
+    let mut nets: Vec<(IpNet, crate::tunnel::Transport, u32)> = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("self.peer_transport[{i}]");
         let transport = crate::tunnel::Transport::parse(&rule.transport).ok_or_else(|| {
@@ -548,14 +548,12 @@ fn peer_transport_for(
         let names_me =
             hosts.is_empty() || address.is_some_and(|a| hosts.iter().any(|n| n.contains(&a)));
         if names_me {
-            for net in peers {
-                if !nets.iter().any(|(n, _)| *n == net) {
-                    nets.push((net, transport));
-                }
-            }
+            // At most 64 rules: the index fits.
+            let rank = i as u32;
+            nets.extend(peers.into_iter().map(|net| (net, transport, rank)));
         }
     }
-    Ok(crate::tunnel::PeerTransports::from_nets(nets))
+    Ok(crate::tunnel::PeerTransports::ranked(nets))
 }
 
 fn decode_json(entry: &ConfigEntry) -> Result<Resource, String> {
@@ -841,26 +839,44 @@ pub(crate) mod tests {
         let rules = [
             // Not this host (10.20.0.5).
             rule(&["10.30.0.0/16"], &["10.20.0.0/16"], "quic"),
-            rule(&["10.20.0.0/16"], &["10.30.0.0/16", "10.40.0.9"], "quic"),
-            // Same network as the rule before: the first rule wins.
-            rule(&[], &["10.30.0.0/16"], "tcp"),
-            // Every host; a more specific network than the one above.
-            rule(&[], &["10.30.7.0/24", "fd00::/64"], "auto"),
+            // An exception for this host, first, so that it wins over the
+            // more specific network of a later rule.
+            rule(&["10.20.0.5"], &["10.30.0.0/16"], "tcp"),
+            rule(&["10.20.0.0/16"], &["10.30.7.0/24", "10.40.0.9"], "quic"),
+            // Same network as a rule before: the first rule wins.
+            rule(&[], &["10.30.0.0/16"], "quic"),
+            // Every host.
+            rule(&[], &["10.30.8.0/24", "fd00::/64"], "auto"),
         ];
         let t = peer_transport_for(&rules, Some(ip("10.20.0.5"))).unwrap();
-        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Quic));
-        assert_eq!(t.for_peer(ip("10.30.7.1")), Some(Auto));
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.30.7.1")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.30.8.1")), Some(Tcp));
         assert_eq!(t.for_peer(ip("10.40.0.9")), Some(Quic));
         assert_eq!(t.for_peer(ip("fd00::9")), Some(Auto));
         assert_eq!(t.for_peer(ip("10.20.0.6")), None);
+        // Another host in 10.20/16: no exception.
+        let t = peer_transport_for(&rules, Some(ip("10.20.0.6"))).unwrap();
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Quic));
+        assert_eq!(t.for_peer(ip("10.30.7.1")), Some(Quic));
+        assert_eq!(
+            t.for_peer(ip("10.30.8.1")),
+            Some(Quic),
+            "the earlier /16 rule"
+        );
         // A host in 10.30/16: the first rule, then the every-host ones.
         let t = peer_transport_for(&rules, Some(ip("::ffff:10.30.0.8"))).unwrap();
         assert_eq!(t.for_peer(ip("10.20.0.6")), Some(Quic));
-        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Quic));
+        assert_eq!(t.for_peer(ip("10.30.8.1")), Some(Quic));
+        assert_eq!(t.for_peer(ip("fd00::9")), Some(Auto));
         assert_eq!(t.for_peer(ip("10.40.0.9")), None);
         // A host whose address is not known gets the every-host rules only.
         let t = peer_transport_for(&rules, None).unwrap();
-        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.30.1.1")), Some(Quic));
+        // The /24 of the last rule comes after the /16 of the one before.
+        assert_eq!(t.for_peer(ip("10.30.8.1")), Some(Quic));
+        assert_eq!(t.for_peer(ip("fd00::9")), Some(Auto));
         assert_eq!(t.for_peer(ip("10.20.0.6")), None);
         assert!(
             peer_transport_for(&[], Some(ip("10.20.0.5")))

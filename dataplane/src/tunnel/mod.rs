@@ -261,14 +261,33 @@ impl Transport {
 
 /// Per-peer transports: networks of peer tunnel addresses, each with the
 /// transport this host opens tunnels to them with. Two sets of them apply:
-/// this host's own (`proxy.peer_transport` in meshd.toml) and the mesh's
-/// (the controller's `[[mesh.peer_transport]]` rules that name this host).
-/// Within a set the most specific network holding a peer's address
-/// decides, so the order they are written in does not matter.
+/// this host's own (`proxy.peer_transport` in meshd.toml), where the most
+/// specific network holding a peer's address decides, whatever the order
+/// they are written in; and the mesh's (the controller's
+/// `[[mesh.peer_transport]]` rules that name this host), where the first
+/// rule holding the peer's address decides. Each network carries a rank
+/// (0 for all of this host's, the rule's position for the mesh's): the
+/// lowest rank holding the address wins, then the longest prefix.
+///
+/// Looked up once per new connection: one hash probe per distinct prefix
+/// length in the table, however many networks it holds (the controller
+/// allows 64 rules of 256 networks).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerTransports {
-    /// Longest prefix first.
-    nets: Vec<(ipnet::IpNet, Transport)>,
+    /// Every network, lowest rank first, then longest prefix (for `meshd
+    /// status`); none twice.
+    list: Vec<(ipnet::IpNet, Transport, u32)>,
+    /// By prefix length, longest first.
+    by_len: Vec<SameLength>,
+}
+
+/// The networks of one prefix length and family, each with its rank and
+/// transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SameLength {
+    len: u8,
+    v4: bool,
+    nets: HashMap<ipnet::IpNet, (u32, Transport)>,
 }
 
 impl PeerTransports {
@@ -285,34 +304,90 @@ impl PeerTransports {
             }
             nets.push((net, transport, key));
         }
-        Ok(PeerTransports::from_nets(
-            nets.into_iter().map(|(n, t, _)| (n, t)).collect(),
+        Ok(PeerTransports::ranked(
+            nets.into_iter().map(|(n, t, _)| (n, t, 0)).collect(),
         ))
     }
 
-    /// From networks already read and checked, none twice.
-    pub fn from_nets(mut nets: Vec<(ipnet::IpNet, Transport)>) -> PeerTransports {
-        nets.sort_by_key(|n| std::cmp::Reverse(n.0.prefix_len()));
-        PeerTransports { nets }
+    /// From networks already read and checked, each with its rank; of a
+    /// network listed twice the lower rank is kept (the first, at equal
+    /// ranks).
+    pub fn ranked(nets: Vec<(ipnet::IpNet, Transport, u32)>) -> PeerTransports {
+        let mut by_len: Vec<SameLength> = Vec::new();
+        let mut list = Vec::with_capacity(nets.len());
+        for (net, transport, rank) in nets {
+            let (len, v4) = (net.prefix_len(), matches!(net, ipnet::IpNet::V4(_)));
+            let i = match by_len.iter().position(|t| (t.len, t.v4) == (len, v4)) {
+                Some(i) => i,
+                None => {
+                    by_len.push(SameLength {
+                        len,
+                        v4,
+                        nets: HashMap::new(),
+                    });
+                    by_len.len() - 1
+                }
+            };
+            match by_len[i].nets.entry(net) {
+                std::collections::hash_map::Entry::Occupied(mut held) => {
+                    if rank < held.get().0 {
+                        held.insert((rank, transport));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((rank, transport));
+                    list.push(net);
+                }
+            }
+        }
+        by_len.sort_by_key(|t| std::cmp::Reverse(t.len));
+        let mut list: Vec<(ipnet::IpNet, Transport, u32)> = list
+            .into_iter()
+            .map(|net| {
+                let (rank, transport) = by_len
+                    .iter()
+                    .find_map(|t| t.nets.get(&net))
+                    .copied()
+                    .unwrap_or((u32::MAX, Transport::Tcp));
+                (net, transport, rank)
+            })
+            .collect();
+        list.sort_by_key(|&(net, _, rank)| (rank, std::cmp::Reverse(net.prefix_len())));
+        PeerTransports { list, by_len }
     }
 
     /// The transport for a peer at `addr`, if an entry covers it.
     pub fn for_peer(&self, addr: IpAddr) -> Option<Transport> {
         let addr = addr.to_canonical();
-        self.nets
-            .iter()
-            .find(|(net, _)| net.contains(&addr))
-            .map(|&(_, t)| t)
+        let v4 = addr.is_ipv4();
+        let mut best: Option<(u32, Transport)> = None;
+        for t in &self.by_len {
+            if t.v4 != v4 {
+                continue;
+            }
+            let Ok(net) = ipnet::IpNet::new(addr, t.len) else {
+                continue;
+            };
+            if let Some(&(rank, transport)) = t.nets.get(&net.trunc())
+                && best.is_none_or(|(b, _)| rank < b)
+            {
+                best = Some((rank, transport));
+                if rank == 0 {
+                    break;
+                }
+            }
+        }
+        best.map(|(_, t)| t)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nets.is_empty()
+        self.list.is_empty()
     }
 
-    /// Each network with its transport, most specific first (for
-    /// `meshd status`).
+    /// Each network with its transport, in the order they decide: lowest
+    /// rank first, then most specific (for `meshd status`).
     pub fn entries(&self) -> impl Iterator<Item = (ipnet::IpNet, Transport)> + '_ {
-        self.nets.iter().copied()
+        self.list.iter().map(|&(n, t, _)| (n, t))
     }
 }
 
@@ -591,8 +666,71 @@ mod peer_transport_tests {
             assert_eq!(t.for_peer(ip("::ffff:10.20.3.4")), Some(Transport::Quic));
         }
         let mapped = PeerTransports::new([("::ffff:10.30.0.0/112", Transport::Quic)]).unwrap();
+        // Listed for `meshd status` most specific first.
+        let t = PeerTransports::new(entries).unwrap();
+        assert_eq!(
+            t.entries()
+                .map(|(n, t)| format!("{n} {}", t.name()))
+                .collect::<Vec<_>>(),
+            [
+                "10.20.0.7/32 tcp",
+                "10.20.0.0/16 quic",
+                "10.0.0.0/8 tcp",
+                "fd00::/8 auto"
+            ]
+        );
         assert_eq!(mapped.for_peer(ip("10.30.1.2")), Some(Transport::Quic));
         assert!(PeerTransports::new([]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_lower_rank_wins_over_a_longer_prefix_and_the_first_of_a_network_twice() {
+        use Transport::{Auto, Quic, Tcp};
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let t = PeerTransports::ranked(vec![
+            (net("10.20.0.5/32"), Tcp, 0),
+            (net("10.30.0.0/16"), Quic, 0),
+            (net("10.30.7.0/24"), Auto, 1),
+            (net("10.20.0.0/16"), Quic, 1),
+            (net("10.30.0.0/16"), Tcp, 2),
+            (net("0.0.0.0/0"), Auto, 3),
+        ]);
+        assert_eq!(
+            t.for_peer(ip("10.30.7.1")),
+            Some(Quic),
+            "rank 0 over a /24 of rank 1"
+        );
+        assert_eq!(t.for_peer(ip("10.20.0.5")), Some(Tcp));
+        assert_eq!(t.for_peer(ip("10.20.0.6")), Some(Quic));
+        assert_eq!(t.for_peer(ip("192.0.2.1")), Some(Auto));
+        assert_eq!(t.for_peer(ip("::ffff:10.30.1.1")), Some(Quic));
+        assert_eq!(t.for_peer(ip("fd00::1")), None);
+        assert_eq!(
+            t.entries()
+                .map(|(n, t)| format!("{n} {}", t.name()))
+                .collect::<Vec<_>>(),
+            [
+                "10.20.0.5/32 tcp",
+                "10.30.0.0/16 quic",
+                "10.30.7.0/24 auto",
+                "10.20.0.0/16 quic",
+                "0.0.0.0/0 auto"
+            ]
+        );
+        // Many networks of a few lengths: each looked up by its own.
+        let many: Vec<_> = (0..4096u32)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0a00_0000 | (i << 8));
+                (
+                    ipnet::IpNet::V4(ipnet::Ipv4Net::new(a, 24).unwrap()),
+                    Quic,
+                    i / 256,
+                )
+            })
+            .collect();
+        let t = PeerTransports::ranked(many);
+        assert_eq!(t.for_peer(ip("10.15.255.9")), Some(Quic));
+        assert_eq!(t.for_peer(ip("10.16.0.9")), None);
     }
 
     #[test]
