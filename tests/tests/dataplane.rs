@@ -408,12 +408,7 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
     assert_eq!(entry["transport"], transport);
     assert!(entry["bytes_received"].as_u64().unwrap() > 0);
     // Pooled tunnels: far fewer handshakes than connections.
-    let status: serde_json::Value = serde_json::from_str(
-        &m.lab
-            .http_get(CLIENT, "http://127.0.0.1:15000/status")
-            .unwrap(),
-    )
-    .unwrap();
+    let status = client_status(&m);
     let conns: u64 = status["tunnels"]
         .as_array()
         .unwrap()
@@ -676,12 +671,7 @@ fn a_host_picks_the_transport_per_peer() {
     });
     transports_alternate(&m, ["tcp", "quic"]);
     // meshd status says what applies to whom.
-    let status: serde_json::Value = serde_json::from_str(
-        &m.lab
-            .http_get(CLIENT, "http://127.0.0.1:15000/status")
-            .unwrap(),
-    )
-    .unwrap();
+    let status = client_status(&m);
     assert_eq!(status["transport"]["default"], "tcp", "{status}");
     assert_eq!(status["transport"]["host"], "tcp", "{status}");
     assert_eq!(
@@ -689,6 +679,15 @@ fn a_host_picks_the_transport_per_peer() {
         serde_json::json!([{"network": format!("{}/32", m.lab.host(2).addr), "transport": "quic"}]),
         "{status}"
     );
+}
+
+/// The client meshd's `/status` JSON.
+fn client_status(m: &MeshLab) -> serde_json::Value {
+    let text = m
+        .lab
+        .http_get(CLIENT, "http://127.0.0.1:15000/status")
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
 }
 
 /// Connects to host 1 and host 2 in turn, twice, and checks that each
@@ -742,12 +741,7 @@ fn the_mesh_picks_the_transport_per_host_pair() {
         },
     );
     transports_alternate(&m, ["tcp", "quic"]);
-    let status: serde_json::Value = serde_json::from_str(
-        &m.lab
-            .http_get(CLIENT, "http://127.0.0.1:15000/status")
-            .unwrap(),
-    )
-    .unwrap();
+    let status = client_status(&m);
     let t = &status["transport"];
     assert_eq!(t["default"], "tcp", "{status}");
     assert_eq!(t["host"], serde_json::Value::Null, "{status}");
