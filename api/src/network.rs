@@ -7,6 +7,12 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+/// The most rules `[[mesh.peer_transport]]` may hold, and networks in one
+/// rule's `hosts` or `peers`: every host gets all the rules. The controller
+/// refuses more at start; meshd refuses an update with more.
+pub const MAX_PEER_TRANSPORT_RULES: usize = 64;
+pub const MAX_RULE_NETWORKS: usize = 256;
+
 /// Parses an address or a network. Refused, with the text quoted: what is
 /// neither, and a network with bits set past its prefix (the message names
 /// the network that was probably meant). An IPv4-mapped IPv6 network

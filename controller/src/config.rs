@@ -131,10 +131,7 @@ pub struct PeerTransportRule {
     pub transport: String,
 }
 
-/// Rules the controller accepts in `[[mesh.peer_transport]]`, and networks
-/// in one rule's `hosts` or `peers`: every host gets all the rules.
-pub const MAX_PEER_TRANSPORT_RULES: usize = 64;
-pub const MAX_RULE_NETWORKS: usize = 256;
+pub use hostmesh_api::network::{MAX_PEER_TRANSPORT_RULES, MAX_RULE_NETWORKS};
 
 impl MeshConfig {
     fn validate(&self) -> Result<(), ConfigError> {

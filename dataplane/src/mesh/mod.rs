@@ -17,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hostmesh_api::document::resource_from_json;
+use hostmesh_api::network::{MAX_PEER_TRANSPORT_RULES, MAX_RULE_NETWORKS};
 use hostmesh_api::proto::{
     ConfigEntry, EndpointConfig, EntryKind, SelfConfig, ServiceConfig,
     TrustBundle as TrustBundleMsg,
@@ -496,11 +497,6 @@ fn self_info(s: &SelfConfig, limits: &HostLimits) -> Result<SelfInfo, String> {
         peer_transport: Arc::new(peer_transport_for(&s.peer_transport, limits.address)?),
     })
 }
-
-/// The rules most a config may hold, and the networks in one rule's list
-/// (the controller refuses more; a bigger message is not from it).
-const MAX_PEER_TRANSPORT_RULES: usize = 64;
-const MAX_RULE_NETWORKS: usize = 256;
 
 /// The mesh's per-pair transport rules as they apply to the host at
 /// `address`: every rule is checked (a bad one rejects the update, named),

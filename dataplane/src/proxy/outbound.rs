@@ -154,13 +154,7 @@ impl Outbound {
             return;
         };
         let target = port_state.target;
-        let no_rules = PeerTransports::default();
-        let choice = TransportChoice {
-            host_peers: &self.peer_transport,
-            host: self.transport,
-            mesh_peers: state.me.as_ref().map_or(&no_rules, |m| &*m.peer_transport),
-            mesh: state.me.as_ref().and_then(|m| m.transport),
-        };
+        let choice = TransportChoice::new(&self.peer_transport, self.transport, state.me.as_ref());
         let early = match early_data(&socket) {
             Ok(e) => e,
             Err(e) => {

@@ -313,9 +313,14 @@ impl PeerTransports {
     /// network listed twice the lower rank is kept (the first, at equal
     /// ranks).
     pub fn ranked(nets: Vec<(ipnet::IpNet, Transport, u32)>) -> PeerTransports {
+        // Of a network listed twice, the lower rank (the first at equal
+        // ranks): a stable sort by rank, then the first of each network.
+        let mut list = nets;
+        list.sort_by_key(|&(net, _, rank)| (rank, std::cmp::Reverse(net.prefix_len())));
+        let mut seen = std::collections::HashSet::with_capacity(list.len());
+        list.retain(|&(net, _, _)| seen.insert(net));
         let mut by_len: Vec<SameLength> = Vec::new();
-        let mut list = Vec::with_capacity(nets.len());
-        for (net, transport, rank) in nets {
+        for &(net, transport, rank) in &list {
             let (len, v4) = (net.prefix_len(), matches!(net, ipnet::IpNet::V4(_)));
             let i = match by_len.iter().position(|t| (t.len, t.v4) == (len, v4)) {
                 Some(i) => i,
@@ -328,31 +333,9 @@ impl PeerTransports {
                     by_len.len() - 1
                 }
             };
-            match by_len[i].nets.entry(net) {
-                std::collections::hash_map::Entry::Occupied(mut held) => {
-                    if rank < held.get().0 {
-                        held.insert((rank, transport));
-                    }
-                }
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert((rank, transport));
-                    list.push(net);
-                }
-            }
+            by_len[i].nets.insert(net, (rank, transport));
         }
         by_len.sort_by_key(|t| std::cmp::Reverse(t.len));
-        let mut list: Vec<(ipnet::IpNet, Transport, u32)> = list
-            .into_iter()
-            .map(|net| {
-                let (rank, transport) = by_len
-                    .iter()
-                    .find_map(|t| t.nets.get(&net))
-                    .copied()
-                    .unwrap_or((u32::MAX, Transport::Tcp));
-                (net, transport, rank)
-            })
-            .collect();
-        list.sort_by_key(|&(net, _, rank)| (rank, std::cmp::Reverse(net.prefix_len())));
         PeerTransports { list, by_len }
     }
 
@@ -403,7 +386,28 @@ pub struct TransportChoice<'a> {
     pub mesh: Option<Transport>,
 }
 
-impl TransportChoice<'_> {
+/// The mesh's per-peer transports when it has none (or no `self` yet).
+static NO_RULES: PeerTransports = PeerTransports {
+    list: Vec::new(),
+    by_len: Vec::new(),
+};
+
+impl<'a> TransportChoice<'a> {
+    /// This host's settings (`host_peers`, `host`) over the mesh's, from
+    /// `me` (the controller's description of this host, if it came).
+    pub fn new(
+        host_peers: &'a PeerTransports,
+        host: Option<Transport>,
+        me: Option<&'a crate::mesh::SelfInfo>,
+    ) -> TransportChoice<'a> {
+        TransportChoice {
+            host_peers,
+            host,
+            mesh_peers: me.map_or(&NO_RULES, |m| &*m.peer_transport),
+            mesh: me.and_then(|m| m.transport),
+        }
+    }
+
     pub fn for_peer(&self, addr: IpAddr) -> Transport {
         self.host_peers
             .for_peer(addr)

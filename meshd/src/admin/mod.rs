@@ -294,13 +294,7 @@ fn status_json(state: &AdminState) -> Value {
 /// entries and the mesh's per-pair rules that name this host (each most
 /// specific first), and whether the mesh's can decide anything here.
 fn transport_json(state: &AdminState, me: Option<&crate::mesh::SelfInfo>) -> Value {
-    let no_rules = crate::tunnel::PeerTransports::default();
-    let choice = crate::tunnel::TransportChoice {
-        host_peers: &state.peer_transport,
-        host: state.transport,
-        mesh_peers: me.map_or(&no_rules, |m| &*m.peer_transport),
-        mesh: me.and_then(|m| m.transport),
-    };
+    let choice = crate::tunnel::TransportChoice::new(&state.peer_transport, state.transport, me);
     let list = |p: &crate::tunnel::PeerTransports| {
         p.entries()
             .map(|(net, t)| json!({"network": net.to_string(), "transport": t.name()}))
