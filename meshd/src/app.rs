@@ -477,8 +477,6 @@ impl Meshd {
             ),
         ));
         if config.proxy.quic_listen {
-            let server_config = crate::tunnel::quic::server_config(&identity)
-                .context("building the QUIC TLS config")?;
             let socket = crate::tunnel::quic::udp_socket(config.proxy.tunnel_port, mark)
                 .with_context(|| {
                     format!(
@@ -488,13 +486,9 @@ impl Meshd {
                 })?;
             let endpoint = rt
                 .data
-                .spawn(async move {
-                    quinn::Endpoint::new(
-                        quinn::EndpointConfig::default(),
-                        Some(server_config),
-                        socket,
-                        Arc::new(quinn::TokioRuntime),
-                    )
+                .spawn({
+                    let identity = identity.clone();
+                    async move { crate::tunnel::quic::server_endpoint(&identity, socket) }
                 })
                 .await?
                 .context("starting the QUIC tunnel server")?;

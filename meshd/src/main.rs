@@ -353,6 +353,30 @@ async fn watchdog(
     }
 }
 
+/// The `tunnels:` line of `meshd status`: per kind of tunnel, the peers,
+/// connections and streams in `/status`'s list.
+fn tunnels_line(tunnels: &[serde_json::Value]) -> String {
+    let mut kinds: std::collections::BTreeMap<&str, (usize, u64, u64)> = Default::default();
+    for t in tunnels {
+        let k = kinds
+            .entry(t["kind"].as_str().unwrap_or("unknown"))
+            .or_default();
+        k.0 += 1;
+        k.1 += t["connections"].as_u64().unwrap_or(0);
+        k.2 += t["streams"].as_u64().unwrap_or(0);
+    }
+    if kinds.is_empty() {
+        return "none".to_string();
+    }
+    kinds
+        .iter()
+        .map(|(kind, (peers, conns, streams))| {
+            format!("{kind}: {peers} peers, {conns} connections, {streams} streams")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
     let body = current_thread()?.block_on(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -429,7 +453,7 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
             }
         }
         if let Some(tunnels) = v.pointer("/tunnels").and_then(|c| c.as_array()) {
-            out.push_str(&format!("tunnels:     {} peers\n", tunnels.len()));
+            out.push_str(&format!("tunnels:     {}\n", tunnels_line(tunnels)));
         }
         if v.pointer("/sockmap/state").is_some() {
             out.push_str(&format!("sockmap:     {}", s("/sockmap/state")));
@@ -531,4 +555,23 @@ fn run_cleanup(config_path: Option<PathBuf>) -> Result<(), String> {
         );
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn the_tunnels_line_sums_each_kind() {
+        assert_eq!(super::tunnels_line(&[]), "none");
+        let tunnels = [
+            json!({"peer": "10.0.0.1:15008", "kind": "dedicated", "connections": 3, "streams": 1}),
+            json!({"peer": "10.0.0.2:15008", "kind": "dedicated", "connections": 2, "streams": 0}),
+            json!({"peer": "10.0.0.3:15008", "kind": "quic", "connections": 1, "streams": 7}),
+        ];
+        assert_eq!(
+            super::tunnels_line(&tunnels),
+            "dedicated: 2 peers, 5 connections, 1 streams; quic: 1 peers, 1 connections, 7 streams"
+        );
+    }
 }

@@ -450,6 +450,16 @@ fn an_unmodified_client_reaches_a_plain_server_by_name_vip_and_address_over_mtls
             !tunnels.is_empty() && tunnels.iter().all(|t| t["kind"] == "dedicated"),
             "{status}"
         );
+    } else {
+        // Over QUIC, one connection per server host, listed as such.
+        let tunnels = status["tunnels"].as_array().unwrap();
+        assert!(
+            (1..=2).contains(&tunnels.len())
+                && tunnels
+                    .iter()
+                    .all(|t| t["kind"] == "quic" && t["connections"] == 1),
+            "{status}"
+        );
     }
 }
 
@@ -804,22 +814,41 @@ fn quic_falls_back_to_tcp_when_udp_is_blocked() {
             "nft add table inet testblock && nft add chain inet testblock out '{{ type filter hook output priority 0; }}' && nft add rule inet testblock out ip daddr {server} udp dport 15008 drop && nft add chain inet testblock inp '{{ type filter hook input priority 0; }}' && nft add rule inet testblock inp ip saddr {server} udp sport 15008 drop"
         ),
     );
-    // The QUIC connection dies (idle timeout) or new streams go unanswered;
-    // new connections fall back to TCP and succeed.
-    m.eventually(
-        "a connection over TCP while UDP is blocked",
-        Duration::from_secs(40),
-        || {
-            m.curl(CLIENT, "http://web.shop.mesh/", 5)?;
-            if transports(&m).last().map(String::as_str) == Some("tcp") {
-                Ok(())
-            } else {
-                Err(format!("{:?}", transports(&m)))
-            }
-        },
+    // The client's QUIC connection is still open as far as it knows. The
+    // very next request's stream goes unanswered, the peer is marked, and
+    // that same connection is carried over TCP (after twice the connect
+    // timeout, 2 s): no request fails.
+    let before = transports(&m).len();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        m.curl(CLIENT, "http://web.shop.mesh/", 10).unwrap(),
+        "web-1"
     );
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    m.eventually("the connection logged", Duration::from_secs(5), || {
+        let t = transports(&m);
+        match t.get(before..) {
+            Some([only]) if only == "tcp" => Ok(()),
+            _ => Err(format!("{t:?}")),
+        }
+    });
+    // And the next ones go over TCP at once.
     for _ in 0..5 {
+        let started = std::time::Instant::now();
         assert_eq!(m.curl(CLIENT, "http://web.shop.mesh/", 5).unwrap(), "web-1");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
     }
+    m.eventually("six connections over TCP", Duration::from_secs(5), || {
+        let t = transports(&m);
+        match t.get(before..) {
+            Some(new) if new.len() == 6 && new.iter().all(|t| t == "tcp") => Ok(()),
+            _ => Err(format!("{t:?}")),
+        }
+    });
     m.lab.sh_ok(CLIENT, "nft delete table inet testblock");
 }

@@ -12,10 +12,15 @@
 //! never through a stream the caller gave up on. The same for dedicated
 //! connections (one stream at a time, reused), with their fallback to
 //! HTTP/2 and the replacement of connections the server closed while idle.
+//! And over QUIC: the same identity checks and stream semantics, and the
+//! fall back to TCP when a peer's UDP goes unanswered, from the start or
+//! under an open connection (a UDP relay the test cuts, as a firewall
+//! dropping UDP would).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::FutureExt;
@@ -25,6 +30,7 @@ use hostmesh_api::tls::{self, CaptureServerVerifier};
 use hostmesh_meshd::identity::Identity;
 use hostmesh_meshd::tunnel::dedicated::DedicatedPool;
 use hostmesh_meshd::tunnel::hbone::{Pool, PoolSettings};
+use hostmesh_meshd::tunnel::quic::{self, QuicPool};
 use hostmesh_meshd::tunnel::server::{self, Handler, InboundRequest, ServerSettings};
 use hostmesh_meshd::tunnel::splice::{Counters, splice};
 use hostmesh_meshd::tunnel::{
@@ -77,12 +83,14 @@ async fn tunnel_server(host: Arc<Identity>) -> TunnelServer {
 }
 
 async fn tunnel_server_with(host: Arc<Identity>, settings: ServerSettings) -> TunnelServer {
-    let tls = TlsConfigs::new(host).unwrap();
-    tokio::spawn(tls.clone().follow());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, callers) = mpsc::unbounded_channel();
-    let handler: Handler = Arc::new(move |req: InboundRequest| {
+    tunnel_server_on(host, listener, settings).await
+}
+
+/// Delivers every accepted CONNECT to its authority (refusing with 502
+/// when nothing listens there) and reports the caller's verified identity.
+fn delivering(tx: mpsc::UnboundedSender<SpiffeId>) -> Handler {
+    Arc::new(move |req: InboundRequest| {
         let tx = tx.clone();
         async move {
             let _ = tx.send(req.peer_identity.clone());
@@ -95,7 +103,19 @@ async fn tunnel_server_with(host: Arc<Identity>, settings: ServerSettings) -> Tu
             }
         }
         .boxed()
-    });
+    })
+}
+
+async fn tunnel_server_on(
+    host: Arc<Identity>,
+    listener: TcpListener,
+    settings: ServerSettings,
+) -> TunnelServer {
+    let tls = TlsConfigs::new(host).unwrap();
+    tokio::spawn(tls.clone().follow());
+    let addr = listener.local_addr().unwrap();
+    let (tx, callers) = mpsc::unbounded_channel();
+    let handler = delivering(tx);
     let handshake_failures = Counter::default();
     let (trigger, drain) = hostmesh_meshd::drain::new();
     tokio::spawn({
@@ -573,6 +593,19 @@ async fn open_via(
     app: SocketAddr,
     early: &[Bytes],
 ) -> Result<(TcpStream, &'static str), TunnelError> {
+    open_over(tunnels, Transport::Tcp, server, expect, app, early).await
+}
+
+/// [`open_via`] with the transport `mode` chosen for the peer, which offers
+/// QUIC unless `mode` is TCP.
+async fn open_over(
+    tunnels: &Tunnels,
+    mode: Transport,
+    server: SocketAddr,
+    expect: &SpiffeId,
+    app: SocketAddr,
+    early: &[Bytes],
+) -> Result<(TcpStream, &'static str), TunnelError> {
     let key = PeerKey {
         addr: server,
         identity: Arc::new(expect.clone()),
@@ -580,8 +613,8 @@ async fn open_via(
     let stream = tunnels
         .open(
             &key,
-            false,
-            Transport::Tcp,
+            mode != Transport::Tcp,
+            mode,
             &app.to_string(),
             "web.shop",
             early,
@@ -951,4 +984,320 @@ async fn an_idle_connection_found_dead_on_use_takes_the_others_with_it_and_a_new
     assert_eq!(dedicated(&t).handshakes(), 4, "one new connection");
     // The other idle ones were dropped with the dead one: one is left.
     idle_soon(&t, 1).await;
+}
+
+// QUIC: the same checks and semantics as over TCP.
+
+/// A QUIC tunnel server for `host` on a loopback UDP port, delivering like
+/// [`tunnel_server`].
+async fn quic_server(host: Arc<Identity>) -> TunnelServer {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let endpoint = quic::server_endpoint(&host, socket).unwrap();
+    let (tx, callers) = mpsc::unbounded_channel();
+    let handshake_failures = Counter::default();
+    let (trigger, drain) = hostmesh_meshd::drain::new();
+    tokio::spawn({
+        let failures = handshake_failures.clone();
+        async move {
+            // Held for as long as the server runs.
+            let _trigger = trigger;
+            server::serve_quic(endpoint, delivering(tx), drain, failures).await
+        }
+    });
+    TunnelServer {
+        addr,
+        callers,
+        handshake_failures,
+    }
+}
+
+fn quic_pool(host: Arc<Identity>, connect_timeout: Duration) -> QuicPool {
+    QuicPool::new(host, None, connect_timeout).unwrap()
+}
+
+/// [`connect_with_early`] over QUIC.
+async fn quic_through(
+    pool: &QuicPool,
+    server: SocketAddr,
+    expect: &SpiffeId,
+    app: SocketAddr,
+    early: &[Bytes],
+) -> Result<TcpStream, TunnelError> {
+    let key = PeerKey {
+        addr: server,
+        identity: Arc::new(expect.clone()),
+    };
+    let stream = pool.open(&key, &app.to_string(), "web.shop", early).await?;
+    Ok(spliced(Stream::Quic(stream)).await)
+}
+
+#[tokio::test]
+async fn over_quic_bytes_cross_both_ways_with_half_close_and_the_server_knows_the_caller() {
+    let (_mesh, web, client, app, _tcp) = web_and_client().await;
+    let mut srv = quic_server(web.clone()).await;
+    let pool = quic_pool(client.clone(), Duration::from_secs(2));
+    let early = [Bytes::from_static(b"early ")];
+    let mut s = quic_through(&pool, srv.addr, web.spiffe_id(), app, &early)
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"hello").await, b"early");
+    s.write_all(b" and goodbye").await.unwrap();
+    // The rest of the echo, in order and once, then EOF after the app saw
+    // the half-close and closed.
+    assert_eq!(finish(s).await, b" hello and goodbye");
+    let caller = srv.callers.recv().await.unwrap();
+    assert_eq!(&caller, client.spiffe_id(), "the verified caller identity");
+    // Ten more streams, five at once, on the same QUIC connection.
+    let mut open = Vec::new();
+    for i in 0..10u8 {
+        let mut s = quic_through(&pool, srv.addr, web.spiffe_id(), app, &[])
+            .await
+            .unwrap();
+        assert_eq!(round_trip(&mut s, &[i; 100]).await, vec![i; 100]);
+        open.push(s);
+        if open.len() == 5 {
+            for s in open.drain(..) {
+                assert!(finish(s).await.is_empty());
+            }
+        }
+    }
+    assert_eq!(pool.handshakes(), 1, "one QUIC handshake for 11 streams");
+    // A refusal comes back as the peer's status.
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    match quic_through(&pool, srv.addr, web.spiffe_id(), closed, &[]).await {
+        Err(TunnelError::Refused { status: 502, .. }) => {}
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn over_quic_a_host_of_another_group_cannot_answer_for_the_service() {
+    let mut m = mesh().await;
+    let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
+    let api = m.joined_host("shop/api", &m.dir.path().join("api")).await;
+    let client = m
+        .joined_host("shop/client", &m.dir.path().join("client"))
+        .await;
+    let app = echo_app().await;
+    let impostor = quic_server(api.clone()).await;
+    let pool = quic_pool(client.clone(), Duration::from_secs(2));
+    let err = quic_through(&pool, impostor.addr, web.spiffe_id(), app, &[])
+        .await
+        .expect_err("the api host must not pass for web");
+    assert_eq!(err.kind(), "handshake", "{err}");
+    assert!(
+        err.to_string().contains(&web.spiffe_id().to_string()),
+        "the error names who was expected: {err}"
+    );
+    // A refused identity is not a blocked path: QUIC stays in use for the
+    // peer (falling back to TCP would only meet the same check there).
+    assert!(!pool.is_broken(impostor.addr));
+    let mut s = quic_through(&pool, impostor.addr, api.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"ok").await, b"ok");
+}
+
+#[tokio::test]
+async fn over_quic_a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
+    let mut ours = mesh().await;
+    let mut theirs = mesh().await;
+    let web = ours
+        .joined_host("shop/web", &ours.dir.path().join("web"))
+        .await;
+    let our_client = ours
+        .joined_host("shop/client", &ours.dir.path().join("client"))
+        .await;
+    let foreign_client = theirs
+        .joined_host("shop/client", &theirs.dir.path().join("client"))
+        .await;
+    let foreign_web = theirs
+        .joined_host("shop/web", &theirs.dir.path().join("web"))
+        .await;
+    assert_eq!(foreign_web.spiffe_id(), web.spiffe_id());
+    let app = echo_app().await;
+
+    // A foreign client is refused by our server, which counts it.
+    let srv = quic_server(web.clone()).await;
+    let foreign_pool = quic_pool(foreign_client, Duration::from_secs(2));
+    let err = quic_through(&foreign_pool, srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .expect_err("a certificate of another CA must be refused");
+    assert!(
+        matches!(err.kind(), "handshake" | "protocol"),
+        "{}: {err}",
+        err.kind()
+    );
+    hostmesh_tests::eventually_async(
+        "the QUIC server to count the failed handshake",
+        Duration::from_secs(5),
+        || async {
+            match srv.handshake_failures.get() {
+                0 => Err("0".to_string()),
+                _ => Ok(()),
+            }
+        },
+    )
+    .await;
+    // And our client refuses their server, which shows the SPIFFE ID it
+    // expects.
+    let foreign_srv = quic_server(foreign_web).await;
+    let our_pool = quic_pool(our_client.clone(), Duration::from_secs(2));
+    let err = quic_through(&our_pool, foreign_srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .expect_err("a server of another CA must be refused");
+    assert_eq!(err.kind(), "handshake", "{err}");
+    // Our own server lets our client through.
+    let mut s = quic_through(&our_pool, srv.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&mut s, b"ours").await, b"ours");
+}
+
+/// A UDP path to a QUIC server that a test can cut, as a firewall that
+/// starts dropping UDP would: what the first client sends to `addr` goes on
+/// to the server, and the server's answers back to that client. A TCP
+/// tunnel server for the same host listens on the same port number, as
+/// meshd's do on 15008.
+struct CuttablePath {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    _tcp: TunnelServer,
+}
+
+async fn cuttable_path(host: Arc<Identity>, quic_server: SocketAddr) -> CuttablePath {
+    // A UDP port whose TCP twin is free too.
+    let (front, listener) = loop {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        if let Ok(l) = TcpListener::bind(front.local_addr().unwrap()).await {
+            break (Arc::new(front), l);
+        }
+    };
+    let addr = front.local_addr().unwrap();
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(quic_server).await.unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let (client_tx, mut client_rx) = tokio::sync::watch::channel(None::<SocketAddr>);
+    tokio::spawn({
+        let (front, back, cut) = (front.clone(), back.clone(), cut.clone());
+        async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                client_tx.send_replace(Some(from));
+                if !cut.load(Ordering::SeqCst) {
+                    let _ = back.send(&buf[..n]).await;
+                }
+            }
+        }
+    });
+    tokio::spawn({
+        let cut = cut.clone();
+        async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client_rx.borrow_and_update();
+                if let Some(to) = to
+                    && !cut.load(Ordering::SeqCst)
+                {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        }
+    });
+    let tcp = tunnel_server_on(host, listener, ServerSettings::default()).await;
+    CuttablePath {
+        addr,
+        cut,
+        _tcp: tcp,
+    }
+}
+
+/// meshd's tunnel clients with QUIC, and the QUIC pool to look into.
+fn tunnels_with_quic(host: Arc<Identity>, connect_timeout: Duration) -> (Tunnels, Arc<QuicPool>) {
+    let mut t = dedicated_tunnels(
+        host.clone(),
+        PoolSettings {
+            connect_timeout,
+            ..PoolSettings::default()
+        },
+    );
+    let q = Arc::new(quic_pool(host, connect_timeout));
+    t.quic = Some(q.clone());
+    (t, q)
+}
+
+#[tokio::test]
+async fn when_udp_stops_under_an_open_quic_connection_tcp_takes_over_from_the_stream_that_found_out()
+ {
+    let (_mesh, web, client, app, _tcp) = web_and_client().await;
+    let srv = quic_server(web.clone()).await;
+    let path = cuttable_path(web.clone(), srv.addr).await;
+    let timeout = Duration::from_millis(300);
+    let (t, q) = tunnels_with_quic(client.clone(), timeout);
+    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(kind, "quic");
+    assert_eq!(round_trip(&mut s, b"over udp").await, b"over udp");
+
+    path.cut.store(true, Ordering::SeqCst);
+    // The QUIC connection is still open as far as the client knows: the
+    // stream's CONNECT goes unanswered, the peer is marked, and this same
+    // stream is opened over TCP, its early bytes delivered once.
+    let started = Instant::now();
+    let early = [Bytes::from_static(b"GET / HTTP/1.1\r\n")];
+    let (s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &early)
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(kind, "dedicated");
+    assert!(
+        took >= timeout * 2 && took < timeout * 2 + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(finish(s).await, b"GET / HTTP/1.1\r\n");
+    assert!(q.is_broken(path.addr));
+    // The next stream goes over TCP at once, without asking QUIC first.
+    idle_soon(&t, 1).await;
+    let started = Instant::now();
+    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(kind, "dedicated");
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    assert_eq!(round_trip(&mut s, b"over tcp").await, b"over tcp");
+    assert_eq!(q.handshakes(), 1);
+}
+
+#[tokio::test]
+async fn a_peer_whose_udp_never_answers_is_reached_over_tcp_from_the_first_stream() {
+    let (_mesh, web, client, app, _tcp) = web_and_client().await;
+    let srv = quic_server(web.clone()).await;
+    let path = cuttable_path(web.clone(), srv.addr).await;
+    path.cut.store(true, Ordering::SeqCst);
+    let timeout = Duration::from_millis(300);
+    let (t, q) = tunnels_with_quic(client.clone(), timeout);
+    let started = Instant::now();
+    let early = [Bytes::from_static(b"first")];
+    let (s, kind) = open_over(&t, Transport::Auto, path.addr, web.spiffe_id(), app, &early)
+        .await
+        .unwrap();
+    assert_eq!(kind, "dedicated");
+    assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    assert_eq!(finish(s).await, b"first");
+    assert!(q.is_broken(path.addr));
+    assert_eq!(q.handshakes(), 0);
+    // Once the path is open again QUIC is not tried until the mark expires
+    // (5 minutes), so streams keep to TCP.
+    path.cut.store(false, Ordering::SeqCst);
+    idle_soon(&t, 1).await;
+    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
+        .await
+        .unwrap();
+    assert_eq!(kind, "dedicated");
+    assert_eq!(round_trip(&mut s, b"tcp").await, b"tcp");
 }

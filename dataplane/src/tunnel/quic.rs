@@ -13,8 +13,10 @@
 //!
 //! The same semantics as HTTP/2 CONNECT over TCP, without HTTP/3 framing:
 //! both ends are meshd, so the header is all the protocol needs. When a
-//! peer's QUIC does not answer (UDP blocked on the path) the peer is marked
-//! and TCP is used for it for a while ([`QuicPool::is_broken`]).
+//! peer's QUIC does not answer (UDP blocked on the path: no handshake, or a
+//! stream's CONNECT unanswered on a connection QUIC still thinks open) the
+//! peer is marked and TCP is used for it for a while
+//! ([`QuicPool::is_broken`]), starting with the stream that found out.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -68,6 +70,21 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TunnelE
     Ok(config)
 }
 
+/// The QUIC tunnel server's endpoint on `socket`. Must be called inside a
+/// Tokio runtime (quinn registers the socket and drives it there).
+pub fn server_endpoint(
+    identity: &Identity,
+    socket: std::net::UdpSocket,
+) -> Result<quinn::Endpoint, TunnelError> {
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config(identity)?),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| TunnelError::Config(format!("starting the QUIC endpoint: {e}")))
+}
+
 fn client_config(identity: &Identity, peer: &SpiffeId) -> Result<quinn::ClientConfig, TunnelError> {
     let verifier = Arc::new(SpiffeServerVerifier::new(
         identity.bundle(),
@@ -100,10 +117,32 @@ pub fn udp_socket(port: u16, mark: Option<u32>) -> std::io::Result<std::net::Udp
     if let Some(mark) = mark {
         socket.set_mark(mark)?;
     }
-    // Larger buffers: one socket carries every tunnel to every peer.
-    let _ = socket.set_recv_buffer_size(8 * 1024 * 1024);
-    let _ = socket.set_send_buffer_size(8 * 1024 * 1024);
+    // Larger buffers: one socket carries every tunnel to every peer, and a
+    // datagram that finds the receive buffer full is lost (QUIC then backs
+    // off as if the path had dropped it).
+    set_buffers(&socket, UDP_BUFFER);
     Ok(socket.into())
+}
+
+/// What meshd asks for each way on a QUIC socket.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Asks for `bytes` each way on `socket`; Linux grants up to
+/// `net.core.rmem_max` / `wmem_max`. Says so when the receive side got
+/// less, since the sysctl is the operator's to raise.
+fn set_buffers(socket: &socket2::Socket, bytes: usize) {
+    let _ = socket.set_recv_buffer_size(bytes);
+    let _ = socket.set_send_buffer_size(bytes);
+    // Linux reports twice what it granted (the rest is its bookkeeping).
+    if let Ok(got) = socket.recv_buffer_size()
+        && got / 2 < bytes
+    {
+        tracing::info!(
+            bytes = got / 2,
+            wanted = bytes,
+            "the QUIC socket's receive buffer is smaller than meshd asks for (net.core.rmem_max caps it); under load datagrams may be dropped"
+        );
+    }
 }
 
 /// Peers' addresses as the dual-stack socket sees them.
@@ -374,6 +413,13 @@ impl QuicPool {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(proto(format!("QUIC stream: {e}"))),
             Err(_) => {
+                // The connection is open as far as QUIC knows, and nothing
+                // answered: the path stopped carrying UDP (a firewall that
+                // starts dropping it), or the peer is stuck. TCP is tried,
+                // for this stream too ([`super::Tunnels::open`]), not after
+                // every stream in flight has failed and the idle timeout
+                // (30 s) has closed the connection.
+                self.mark_broken(addr);
                 conn.close(quinn::VarInt::from_u32(1), b"unanswered");
                 return Err(proto(format!(
                     "no answer to CONNECT within {}ms",

@@ -260,6 +260,14 @@ fn status_json(state: &AdminState) -> Value {
     if let Some(d) = &state.tunnels.dedicated {
         tunnels.extend(listing("dedicated", d.connections()));
     }
+    if let Some(q) = &state.tunnels.quic {
+        // One QUIC connection per peer, carrying every stream to it.
+        let conns = q.connections().into_iter();
+        tunnels.extend(listing(
+            "quic",
+            conns.map(|(peer, streams)| (peer, 1, streams)).collect(),
+        ));
+    }
     json!({
         "host": state.identity.host(),
         "identity": state.identity.spiffe_id().to_string(),
