@@ -140,7 +140,7 @@ fn set_buffers(socket: &socket2::Socket, bytes: usize) {
         tracing::info!(
             bytes = got / 2,
             wanted = bytes,
-            "the QUIC socket's receive buffer is smaller than meshd asks for (net.core.rmem_max caps it); under load datagrams may be dropped"
+            "the QUIC socket's receive buffer is smaller than meshd asks for (net.core.rmem_max caps it); if UdpRcvbufErrors (nstat) grows under load, raise net.core.rmem_max"
         );
     }
 }
