@@ -371,10 +371,24 @@ fn tunnels_line(tunnels: &[serde_json::Value]) -> String {
     kinds
         .iter()
         .map(|(kind, (peers, conns, streams))| {
-            format!("{kind}: {peers} peers, {conns} connections, {streams} streams")
+            format!(
+                "{kind}: {}, {}, {}",
+                counted(*peers as u64, "peer"),
+                counted(*conns, "connection"),
+                counted(*streams, "stream")
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// "1 peer", "2 peers".
+fn counted(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
@@ -519,6 +533,26 @@ fn run_status(admin: std::net::SocketAddr, json: bool) -> Result<(), String> {
                 ));
             }
             out.push('\n');
+            let unanswered = v
+                .pointer("/transport/quicUnanswered")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            if unanswered > 0 {
+                let over_tcp: Vec<&str> = v
+                    .pointer("/transport/quicOverTcp")
+                    .and_then(serde_json::Value::as_array)
+                    .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+                    .unwrap_or_default();
+                out.push_str(&format!(
+                    "quic:        unanswered {} since start; peers over TCP for now: {}\n",
+                    counted(unanswered, "time"),
+                    if over_tcp.is_empty() {
+                        "none".to_string()
+                    } else {
+                        over_tcp.join(", ")
+                    }
+                ));
+            }
         }
         if v.pointer("/schedulerSlice").is_some() {
             out.push_str(&format!(
@@ -571,7 +605,7 @@ mod tests {
         ];
         assert_eq!(
             super::tunnels_line(&tunnels),
-            "dedicated: 2 peers, 5 connections, 1 streams; quic: 1 peers, 1 connections, 7 streams"
+            "dedicated: 2 peers, 5 connections, 1 stream; quic: 1 peer, 1 connection, 7 streams"
         );
     }
 }

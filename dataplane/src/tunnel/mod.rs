@@ -71,7 +71,7 @@ pub enum TunnelError {
         identity: String,
         detail: String,
     },
-    #[error("HTTP/2 with peer {addr}: {detail}")]
+    #[error("tunnel to peer {addr}: {detail}")]
     Protocol { addr: SocketAddr, detail: String },
     #[error("peer {addr} refused the connection to {authority}: HTTP {status}")]
     Refused {
@@ -549,8 +549,9 @@ pub struct Tunnels {
 impl Tunnels {
     /// Opens a stream to `authority` through the tunnel to `key`, over QUIC
     /// when `mode` asks for it and the peer offers it (falling back to TCP
-    /// when QUIC gets no answer), else over TCP: on a dedicated connection
-    /// unless the peer only speaks HTTP/2.
+    /// when QUIC gets no answer, for this stream too unless its first bytes
+    /// may have reached the peer; see [`quic::QuicPool::open`]), else over
+    /// TCP: on a dedicated connection unless the peer only speaks HTTP/2.
     ///
     /// `early` is what the app has already sent: it follows the request at
     /// once instead of a round trip later, when the answer comes (see
@@ -569,10 +570,19 @@ impl Tunnels {
             if want_quic && !q.is_broken(key.addr) {
                 match q.open(key, authority, service, early).await {
                     Ok(s) => return Ok(Stream::Quic(s)),
-                    Err(e) if q.is_broken(key.addr) => {
+                    // The peer's QUIC went unanswered. This stream goes
+                    // over TCP unless the app's bytes may have reached the
+                    // peer's app already (sent on a path that lost only
+                    // the answers): those are never sent twice.
+                    Err(e) if q.is_broken(key.addr) && (!e.sent || early.is_empty()) => {
                         tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for it");
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        if q.is_broken(key.addr) {
+                            tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for its next streams");
+                        }
+                        return Err(e.error);
+                    }
                 }
             }
         }

@@ -233,6 +233,8 @@ pub struct QuicPool {
     dialing: Mutex<HashMap<PeerKey, Arc<tokio::sync::Mutex<()>>>>,
     broken: Mutex<HashMap<SocketAddr, Instant>>,
     handshakes: AtomicUsize,
+    dials: AtomicUsize,
+    marked: AtomicUsize,
 }
 
 impl QuicPool {
@@ -259,11 +261,37 @@ impl QuicPool {
             dialing: Mutex::new(HashMap::new()),
             broken: Mutex::new(HashMap::new()),
             handshakes: AtomicUsize::new(0),
+            dials: AtomicUsize::new(0),
+            marked: AtomicUsize::new(0),
         })
     }
 
     pub fn handshakes(&self) -> usize {
         self.handshakes.load(Ordering::Relaxed)
+    }
+
+    /// Connections tried, answered or not.
+    pub fn dials(&self) -> usize {
+        self.dials.load(Ordering::Relaxed)
+    }
+
+    /// How many times a peer's QUIC went unanswered and the peer was
+    /// marked to be reached over TCP.
+    pub fn marked(&self) -> usize {
+        self.marked.load(Ordering::Relaxed)
+    }
+
+    /// The peers reached over TCP now because their QUIC went unanswered.
+    pub fn broken_peers(&self) -> Vec<SocketAddr> {
+        let now = Instant::now();
+        let broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers: Vec<SocketAddr> = broken
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(addr, _)| *addr)
+            .collect();
+        peers.sort();
+        peers
     }
 
     /// Whether QUIC to this peer failed recently (use TCP).
@@ -280,6 +308,7 @@ impl QuicPool {
     }
 
     fn mark_broken(&self, addr: SocketAddr) {
+        self.marked.fetch_add(1, Ordering::Relaxed);
         self.broken
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -329,6 +358,7 @@ impl QuicPool {
             rustls::pki_types::ServerName::DnsName(d) => d.as_ref().to_string(),
             _ => "hostmesh.invalid".to_string(),
         };
+        self.dials.fetch_add(1, Ordering::Relaxed);
         let connecting = self
             .endpoint
             .connect_with(config, v6_mapped(addr, self.socket_is_v6), &name)
@@ -379,63 +409,115 @@ impl QuicPool {
     }
 
     /// Opens a stream to `authority` through the QUIC tunnel to `key`.
+    ///
+    /// A stream whose CONNECT goes unanswered on a connection QUIC still
+    /// thinks open fails. If nothing at all came back from the peer
+    /// meanwhile, the path has stopped carrying UDP (a firewall that
+    /// starts dropping it, in either direction): the peer is marked
+    /// ([`QuicPool::is_broken`]) and the connection closed, so the next
+    /// streams go over TCP at once, not after every stream in flight has
+    /// failed and the idle timeout (30 s) has closed it. If the peer's
+    /// packets still came, the peer is slow, not unreachable: only this
+    /// stream is given up, and the connection and its other streams stay.
     pub async fn open(
         &self,
         key: &PeerKey,
         authority: &str,
         service: &str,
         early: &[Bytes],
-    ) -> Result<QuicStream, TunnelError> {
+    ) -> Result<QuicStream, OpenError> {
         let addr = key.addr;
-        let (conn, active) = self.connection(key).await?;
+        let (conn, active) = self.connection(key).await.map_err(OpenError::unsent)?;
         let proto = |detail: String| TunnelError::Protocol { addr, detail };
         let timeout = self.connect_timeout;
+        // Opening a stream sends nothing yet.
         let (mut send, mut recv) = match tokio::time::timeout(timeout, conn.open_bi()).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(proto(format!("QUIC stream: {e}"))),
-            Err(_) => return Err(proto("no QUIC stream capacity in time".to_string())),
+            Ok(Err(e)) => return Err(OpenError::unsent(proto(format!("QUIC stream: {e}")))),
+            Err(_) => {
+                return Err(OpenError::unsent(proto(
+                    "no QUIC stream capacity in time".to_string(),
+                )));
+            }
         };
         active.fetch_add(1, Ordering::AcqRel);
         let guard = Active(active);
+        let heard_before = conn.stats().udp_rx.datagrams;
+        // From here on the request, and the app's first bytes right behind
+        // it (see `hbone::Pool::open`), may reach the peer.
+        let sent = |detail: String| OpenError {
+            error: proto(detail),
+            sent: true,
+        };
         send.write_all(&encode_request(authority, service))
             .await
-            .map_err(|e| proto(format!("QUIC stream: {e}")))?;
-        // The app's first bytes right behind the request (see
-        // `hbone::Pool::open`); on a timeout below the whole connection is
-        // closed, so the peer cannot deliver them after all.
+            .map_err(|e| sent(format!("QUIC stream: {e}")))?;
         for chunk in early {
             send.write_chunk(chunk.clone())
                 .await
-                .map_err(|e| proto(format!("QUIC stream: {e}")))?;
+                .map_err(|e| sent(format!("QUIC stream: {e}")))?;
         }
         let mut status = [0u8; 2];
         match tokio::time::timeout(timeout * 2, recv.read_exact(&mut status)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(proto(format!("QUIC stream: {e}"))),
+            Ok(Err(e)) => return Err(sent(format!("QUIC stream: {e}"))),
             Err(_) => {
-                // The connection is open as far as QUIC knows, and nothing
-                // answered: the path stopped carrying UDP (a firewall that
-                // starts dropping it), or the peer is stuck. TCP is tried,
-                // for this stream too ([`super::Tunnels::open`]), not after
-                // every stream in flight has failed and the idle timeout
-                // (30 s) has closed the connection.
-                self.mark_broken(addr);
-                conn.close(quinn::VarInt::from_u32(1), b"unanswered");
-                return Err(proto(format!(
+                let unanswered = format!(
                     "no answer to CONNECT within {}ms",
                     (timeout * 2).as_millis()
+                );
+                if conn.stats().udp_rx.datagrams > heard_before {
+                    // Slow, not unreachable.
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                    let _ = recv.stop(quinn::VarInt::from_u32(1));
+                    return Err(sent(unanswered));
+                }
+                self.mark_broken(addr);
+                conn.close(quinn::VarInt::from_u32(1), b"unanswered");
+                return Err(sent(format!(
+                    "{unanswered}, and nothing else came from the peer"
                 )));
             }
         }
         let status = u16::from_be_bytes(status);
         if status != 200 {
-            return Err(TunnelError::Refused {
-                addr,
-                authority: authority.to_string(),
-                status,
+            return Err(OpenError {
+                error: TunnelError::Refused {
+                    addr,
+                    authority: authority.to_string(),
+                    status,
+                },
+                sent: true,
             });
         }
         Ok(QuicStream { send, recv, guard })
+    }
+}
+
+/// A stream [`QuicPool::open`] could not open, and whether its request
+/// (with the app's first bytes) may have reached the peer: if so, the
+/// caller must not send those bytes to the same app again.
+#[derive(Debug)]
+pub struct OpenError {
+    pub error: TunnelError,
+    pub sent: bool,
+}
+
+impl OpenError {
+    fn unsent(error: TunnelError) -> OpenError {
+        OpenError { error, sent: false }
+    }
+}
+
+impl From<OpenError> for TunnelError {
+    fn from(e: OpenError) -> TunnelError {
+        e.error
+    }
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 

@@ -315,6 +315,12 @@ fn transport_json(state: &AdminState, me: Option<&crate::mesh::SelfInfo>) -> Val
         "peers": list(choice.host_peers),
         "meshPeers": list(choice.mesh_peers),
         "meshPeersApply": choice.mesh_peers_apply(),
+        // Times a peer's QUIC went unanswered (and the peer was reached
+        // over TCP for a while), and the peers reached over TCP now.
+        "quicUnanswered": state.tunnels.quic.as_ref().map(|q| q.marked()),
+        "quicOverTcp": state.tunnels.quic.as_ref().map(|q| {
+            q.broken_peers().iter().map(ToString::to_string).collect::<Vec<_>>()
+        }),
     })
 }
 

@@ -390,11 +390,16 @@ fn proc_stats(pid: u32) -> (u64, f64) {
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
-        let out = output(Command::new("getconf").arg("CLK_TCK"));
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse::<f64>()
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
             .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
             .filter(|t| *t > 0.0)
             .unwrap_or(100.0)
     })
@@ -1070,7 +1075,8 @@ fn run(o: &Options) {
 
 /// What is wrong with the tunnels the two meshd clients hold at the end
 /// (`/status`): the TCP client must hold only TCP tunnels, the QUIC client
-/// only QUIC ones, each at least one.
+/// only QUIC ones, each at least one, and the QUIC client's QUIC must never
+/// have gone unanswered (its streams would have gone over TCP meanwhile).
 fn transport_faults(m: &MeshLab) -> Vec<String> {
     let mut faults = Vec::new();
     for (host, setup, quic) in [
@@ -1082,6 +1088,13 @@ fn transport_faults(m: &MeshLab) -> Vec<String> {
             .http_get(host, "http://127.0.0.1:15000/status")
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()));
+        if let Ok(v) = &status
+            && let Some(n @ 1..) = v["transport"]["quicUnanswered"].as_u64()
+        {
+            faults.push(format!(
+                "{setup}: its client meshd's QUIC went unanswered {n} time(s), and its streams went over TCP for a while"
+            ));
+        }
         let kinds: Vec<String> = match &status {
             Ok(v) => v["tunnels"]
                 .as_array()
@@ -1353,7 +1366,6 @@ impl Pooled {
         self.rss_peak_kib = self.rss_peak_kib.max(other.rss_peak_kib);
     }
 
-    /// Bits received per second, in Gbit/s.
     /// The proxies' CPU seconds per 1,000 answered requests.
     fn cpu_per_1000(&self) -> f64 {
         if self.answered > 0 {
@@ -1363,6 +1375,7 @@ impl Pooled {
         }
     }
 
+    /// Bits received per second, in Gbit/s.
     fn gbps(&self) -> f64 {
         if self.seconds > 0.0 {
             self.bits / self.seconds / 1e9
