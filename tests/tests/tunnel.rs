@@ -174,12 +174,17 @@ async fn connect_with_early(
     app: SocketAddr,
     early: &[Bytes],
 ) -> Result<TcpStream, TunnelError> {
-    let key = PeerKey {
-        addr: server,
-        identity: Arc::new(expect.clone()),
-    };
+    let key = peer(server, expect);
     let stream = pool.open(&key, &app.to_string(), "web.shop", early).await?;
     Ok(spliced(Stream::H2(stream)).await)
+}
+
+/// The tunnel server at `server`, expected to be `expect`.
+fn peer(server: SocketAddr, expect: &SpiffeId) -> PeerKey {
+    PeerKey {
+        addr: server,
+        identity: Arc::new(expect.clone()),
+    }
 }
 
 /// The app's end of a local TCP connection spliced to `stream`.
@@ -333,6 +338,15 @@ async fn bytes_cross_both_ways_with_half_close_and_the_server_knows_the_caller()
 
 #[tokio::test]
 async fn a_host_of_another_group_cannot_answer_for_the_service() {
+    another_group_cannot_answer(Via::Tcp).await;
+}
+
+#[tokio::test]
+async fn over_quic_a_host_of_another_group_cannot_answer_for_the_service() {
+    another_group_cannot_answer(Via::Quic).await;
+}
+
+async fn another_group_cannot_answer(via: Via) {
     let mut m = mesh().await;
     let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
     let api = m.joined_host("shop/api", &m.dir.path().join("api")).await;
@@ -342,9 +356,10 @@ async fn a_host_of_another_group_cannot_answer_for_the_service() {
     let app = echo_app().await;
     // The api host listens where a web endpoint is expected (a stale
     // endpoint address reused, or a host lying in its registration).
-    let impostor = tunnel_server(api.clone()).await;
-    let (pool, _) = new_pool(client.clone());
-    let err = connect_through(&pool, impostor.addr, web.spiffe_id(), app)
+    let impostor = via.server(api.clone()).await;
+    let client = via.client(client.clone());
+    let err = client
+        .connect(impostor.addr, web.spiffe_id(), app)
         .await
         .expect_err("the api host must not pass for web");
     assert_eq!(err.kind(), "handshake", "{err}");
@@ -352,8 +367,14 @@ async fn a_host_of_another_group_cannot_answer_for_the_service() {
         err.to_string().contains(&web.spiffe_id().to_string()),
         "the error names who was expected: {err}"
     );
+    if let Client::Quic(q) = &client {
+        // A refused identity is not a blocked path: QUIC stays in use for
+        // the peer (TCP would only meet the same check).
+        assert!(!q.is_broken(impostor.addr));
+    }
     // The same host is fine where its own identity is expected.
-    let mut s = connect_through(&pool, impostor.addr, api.spiffe_id(), app)
+    let mut s = client
+        .connect(impostor.addr, api.spiffe_id(), app)
         .await
         .unwrap();
     assert_eq!(round_trip(&mut s, b"ok").await, b"ok");
@@ -361,10 +382,22 @@ async fn a_host_of_another_group_cannot_answer_for_the_service() {
 
 #[tokio::test]
 async fn a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
+    another_mesh_is_refused(Via::Tcp).await;
+}
+
+#[tokio::test]
+async fn over_quic_a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
+    another_mesh_is_refused(Via::Quic).await;
+}
+
+async fn another_mesh_is_refused(via: Via) {
     let mut ours = mesh().await;
     let mut theirs = mesh().await;
     let web = ours
         .joined_host("shop/web", &ours.dir.path().join("web"))
+        .await;
+    let our_client = ours
+        .joined_host("shop/client", &ours.dir.path().join("client"))
         .await;
     // Same trust domain, same names, another CA.
     let foreign_client = theirs
@@ -376,10 +409,11 @@ async fn a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
     assert_eq!(foreign_web.spiffe_id(), web.spiffe_id());
     let app = echo_app().await;
 
-    // A foreign client is refused by our server.
-    let srv = tunnel_server(web.clone()).await;
-    let (foreign_pool, _) = new_pool(foreign_client.clone());
-    let err = connect_through(&foreign_pool, srv.addr, web.spiffe_id(), app)
+    // A foreign client is refused by our server, which counts it.
+    let srv = via.server(web.clone()).await;
+    let err = via
+        .client(foreign_client)
+        .connect(srv.addr, web.spiffe_id(), app)
         .await
         .expect_err("a certificate of another CA must be refused");
     assert!(
@@ -398,18 +432,18 @@ async fn a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
         },
     )
     .await;
-
     // And our client refuses their server, although it shows the SPIFFE ID
     // it expects.
-    let our_client = ours
-        .joined_host("shop/client", &ours.dir.path().join("client"))
-        .await;
-    let foreign_srv = tunnel_server(foreign_web.clone()).await;
-    let (our_pool, _) = new_pool(our_client);
-    let err = connect_through(&our_pool, foreign_srv.addr, web.spiffe_id(), app)
+    let foreign_srv = via.server(foreign_web).await;
+    let ours = via.client(our_client);
+    let err = ours
+        .connect(foreign_srv.addr, web.spiffe_id(), app)
         .await
         .expect_err("a server of another CA must be refused");
     assert_eq!(err.kind(), "handshake", "{err}");
+    // Our own server lets our client through.
+    let mut s = ours.connect(srv.addr, web.spiffe_id(), app).await.unwrap();
+    assert_eq!(round_trip(&mut s, b"ours").await, b"ours");
 }
 
 #[tokio::test]
@@ -607,10 +641,7 @@ async fn open_over(
     app: SocketAddr,
     early: &[Bytes],
 ) -> Result<(TcpStream, &'static str), TunnelError> {
-    let key = PeerKey {
-        addr: server,
-        identity: Arc::new(expect.clone()),
-    };
+    let key = peer(server, expect);
     let stream = tunnels
         .open(
             &key,
@@ -1028,12 +1059,52 @@ async fn quic_through(
     app: SocketAddr,
     early: &[Bytes],
 ) -> Result<TcpStream, TunnelError> {
-    let key = PeerKey {
-        addr: server,
-        identity: Arc::new(expect.clone()),
-    };
+    let key = peer(server, expect);
     let stream = pool.open(&key, &app.to_string(), "web.shop", early).await?;
     Ok(spliced(Stream::Quic(stream)).await)
+}
+
+/// Which tunnel a test goes through: the HTTP/2 pool over TCP, or QUIC.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Tcp,
+    Quic,
+}
+
+/// A tunnel client of either kind.
+enum Client {
+    Tcp(Pool),
+    Quic(QuicPool),
+}
+
+impl Via {
+    async fn server(self, host: Arc<Identity>) -> TunnelServer {
+        match self {
+            Via::Tcp => tunnel_server(host).await,
+            Via::Quic => quic_server(host).await,
+        }
+    }
+
+    fn client(self, host: Arc<Identity>) -> Client {
+        match self {
+            Via::Tcp => Client::Tcp(new_pool(host).0),
+            Via::Quic => Client::Quic(quic_pool(host, Duration::from_secs(2))),
+        }
+    }
+}
+
+impl Client {
+    async fn connect(
+        &self,
+        server: SocketAddr,
+        expect: &SpiffeId,
+        app: SocketAddr,
+    ) -> Result<TcpStream, TunnelError> {
+        match self {
+            Client::Tcp(pool) => connect_through(pool, server, expect, app).await,
+            Client::Quic(pool) => quic_through(pool, server, expect, app, &[]).await,
+        }
+    }
 }
 
 #[tokio::test]
@@ -1076,90 +1147,6 @@ async fn over_quic_bytes_cross_both_ways_with_half_close_and_the_server_knows_th
         Err(TunnelError::Refused { status: 502, .. }) => {}
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
-}
-
-#[tokio::test]
-async fn over_quic_a_host_of_another_group_cannot_answer_for_the_service() {
-    let mut m = mesh().await;
-    let web = m.joined_host("shop/web", &m.dir.path().join("web")).await;
-    let api = m.joined_host("shop/api", &m.dir.path().join("api")).await;
-    let client = m
-        .joined_host("shop/client", &m.dir.path().join("client"))
-        .await;
-    let app = echo_app().await;
-    let impostor = quic_server(api.clone()).await;
-    let pool = quic_pool(client.clone(), Duration::from_secs(2));
-    let err = quic_through(&pool, impostor.addr, web.spiffe_id(), app, &[])
-        .await
-        .expect_err("the api host must not pass for web");
-    assert_eq!(err.kind(), "handshake", "{err}");
-    assert!(
-        err.to_string().contains(&web.spiffe_id().to_string()),
-        "the error names who was expected: {err}"
-    );
-    // A refused identity is not a blocked path: QUIC stays in use for the
-    // peer (falling back to TCP would only meet the same check there).
-    assert!(!pool.is_broken(impostor.addr));
-    let mut s = quic_through(&pool, impostor.addr, api.spiffe_id(), app, &[])
-        .await
-        .unwrap();
-    assert_eq!(round_trip(&mut s, b"ok").await, b"ok");
-}
-
-#[tokio::test]
-async fn over_quic_a_host_of_another_mesh_with_the_same_trust_domain_is_refused() {
-    let mut ours = mesh().await;
-    let mut theirs = mesh().await;
-    let web = ours
-        .joined_host("shop/web", &ours.dir.path().join("web"))
-        .await;
-    let our_client = ours
-        .joined_host("shop/client", &ours.dir.path().join("client"))
-        .await;
-    let foreign_client = theirs
-        .joined_host("shop/client", &theirs.dir.path().join("client"))
-        .await;
-    let foreign_web = theirs
-        .joined_host("shop/web", &theirs.dir.path().join("web"))
-        .await;
-    assert_eq!(foreign_web.spiffe_id(), web.spiffe_id());
-    let app = echo_app().await;
-
-    // A foreign client is refused by our server, which counts it.
-    let srv = quic_server(web.clone()).await;
-    let foreign_pool = quic_pool(foreign_client, Duration::from_secs(2));
-    let err = quic_through(&foreign_pool, srv.addr, web.spiffe_id(), app, &[])
-        .await
-        .expect_err("a certificate of another CA must be refused");
-    assert!(
-        matches!(err.kind(), "handshake" | "protocol"),
-        "{}: {err}",
-        err.kind()
-    );
-    hostmesh_tests::eventually_async(
-        "the QUIC server to count the failed handshake",
-        Duration::from_secs(5),
-        || async {
-            match srv.handshake_failures.get() {
-                0 => Err("0".to_string()),
-                _ => Ok(()),
-            }
-        },
-    )
-    .await;
-    // And our client refuses their server, which shows the SPIFFE ID it
-    // expects.
-    let foreign_srv = quic_server(foreign_web).await;
-    let our_pool = quic_pool(our_client.clone(), Duration::from_secs(2));
-    let err = quic_through(&our_pool, foreign_srv.addr, web.spiffe_id(), app, &[])
-        .await
-        .expect_err("a server of another CA must be refused");
-    assert_eq!(err.kind(), "handshake", "{err}");
-    // Our own server lets our client through.
-    let mut s = quic_through(&our_pool, srv.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
-    assert_eq!(round_trip(&mut s, b"ours").await, b"ours");
 }
 
 /// A UDP path to a QUIC server that a test can cut, each way on its own,
@@ -1232,20 +1219,6 @@ async fn cuttable_path(host: Arc<Identity>, quic_server: SocketAddr) -> Cuttable
     }
 }
 
-/// meshd's tunnel clients with QUIC, and the QUIC pool to look into.
-fn tunnels_with_quic(host: Arc<Identity>, connect_timeout: Duration) -> (Tunnels, Arc<QuicPool>) {
-    let mut t = dedicated_tunnels(
-        host.clone(),
-        PoolSettings {
-            connect_timeout,
-            ..PoolSettings::default()
-        },
-    );
-    let q = Arc::new(quic_pool(host, connect_timeout));
-    t.quic = Some(q.clone());
-    (t, q)
-}
-
 /// An app that reports every chunk it reads, from any connection.
 async fn recording_app() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1274,98 +1247,133 @@ async fn recorded(app: &mut mpsc::UnboundedReceiver<Vec<u8>>, wait: Duration) ->
     all
 }
 
+/// The connect timeout of the tunnels in [`QuicLab`]: a CONNECT goes
+/// unanswered after twice that.
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+/// A web host (an echo app, a QUIC tunnel server, a TCP tunnel server)
+/// behind a [`CuttablePath`], and a client's tunnels with QUIC.
+struct QuicLab {
+    _mesh: Mesh,
+    web: Arc<Identity>,
+    app: SocketAddr,
+    path: CuttablePath,
+    t: Tunnels,
+    q: Arc<QuicPool>,
+}
+
+impl QuicLab {
+    /// With `handler` for the QUIC server (None: delivering, as meshd).
+    async fn new(handler: Option<Handler>) -> QuicLab {
+        let (mesh, web, client, app, _tcp) = web_and_client().await;
+        let srv = match handler {
+            Some(h) => quic_server_with(web.clone(), h, Counter::default()),
+            None => quic_server(web.clone()).await.addr,
+        };
+        let path = cuttable_path(web.clone(), srv).await;
+        let mut t = dedicated_tunnels(
+            client.clone(),
+            PoolSettings {
+                connect_timeout: TIMEOUT,
+                ..PoolSettings::default()
+            },
+        );
+        let q = Arc::new(quic_pool(client, TIMEOUT));
+        t.quic = Some(q.clone());
+        QuicLab {
+            _mesh: mesh,
+            web,
+            app,
+            path,
+            t,
+            q,
+        }
+    }
+
+    /// A stream to `app` with the app's first bytes `early`, over QUIC if
+    /// the tunnels can; says which kind it got.
+    async fn open(
+        &self,
+        app: SocketAddr,
+        early: &[Bytes],
+    ) -> Result<(TcpStream, &'static str), TunnelError> {
+        let expect = self.web.spiffe_id();
+        open_over(&self.t, Transport::Quic, self.path.addr, expect, app, early).await
+    }
+
+    /// [`QuicLab::open`] that must fail; its error.
+    async fn refused(&self, app: SocketAddr, early: &[Bytes]) -> TunnelError {
+        self.open(app, early)
+            .await
+            .map(|(_, kind)| kind)
+            .unwrap_err()
+    }
+
+    /// Opens the QUIC connection with a stream to the echo app, which is
+    /// returned after a round trip.
+    async fn warm(&self) -> TcpStream {
+        let (mut s, kind) = self.open(self.app, &[]).await.unwrap();
+        assert_eq!(kind, "quic");
+        assert_eq!(round_trip(&mut s, b"warm").await, b"warm");
+        s
+    }
+}
+
 #[tokio::test]
 async fn when_udp_stops_under_an_open_quic_connection_the_next_streams_go_over_tcp_at_once() {
-    let (_mesh, web, client, app, _tcp) = web_and_client().await;
-    let srv = quic_server(web.clone()).await;
-    let path = cuttable_path(web.clone(), srv.addr).await;
-    let timeout = Duration::from_millis(300);
-    let (t, q) = tunnels_with_quic(client.clone(), timeout);
-    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
-    assert_eq!(kind, "quic");
-    assert_eq!(round_trip(&mut s, b"over udp").await, b"over udp");
-
-    path.cut();
+    let lab = QuicLab::new(None).await;
+    lab.warm().await;
+    lab.path.cut();
     // The connection is open as far as QUIC knows. The stream's CONNECT,
     // with the app's first bytes, goes unanswered and nothing else comes:
     // the peer is marked. The bytes are not sent again over TCP (had only
     // the answers been lost, the peer's app would have them already).
     let started = Instant::now();
     let early = [Bytes::from_static(b"GET / HTTP/1.1\r\n")];
-    let err = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &early)
-        .await
-        .map(|(_, kind)| kind)
-        .unwrap_err();
+    let err = lab.refused(lab.app, &early).await;
     assert!(
         err.to_string().contains("nothing else came from the peer"),
         "{err}"
     );
-    assert!(started.elapsed() >= timeout * 2, "{:?}", started.elapsed());
-    assert!(q.is_broken(path.addr));
-    assert_eq!((q.marked(), q.broken_peers()), (1, vec![path.addr]));
+    assert!(started.elapsed() >= TIMEOUT * 2, "{:?}", started.elapsed());
+    assert!(lab.q.is_broken(lab.path.addr));
+    assert_eq!(
+        (lab.q.marked(), lab.q.broken_peers()),
+        (1, vec![lab.path.addr])
+    );
     // The next streams go over TCP at once, without asking QUIC again.
-    let dials = q.dials();
+    let dials = lab.q.dials();
     for _ in 0..2 {
-        let (s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &early)
-            .await
-            .unwrap();
+        let (s, kind) = lab.open(lab.app, &early).await.unwrap();
         assert_eq!(kind, "dedicated");
         assert_eq!(finish(s).await, b"GET / HTTP/1.1\r\n");
     }
-    assert_eq!(q.dials(), dials);
-    assert_eq!(q.handshakes(), 1);
+    assert_eq!((lab.q.dials(), lab.q.handshakes()), (dials, 1));
 }
 
 #[tokio::test]
 async fn a_stream_that_sent_nothing_yet_is_carried_over_tcp_when_its_connect_goes_unanswered() {
-    let (_mesh, web, client, app, _tcp) = web_and_client().await;
-    let srv = quic_server(web.clone()).await;
-    let path = cuttable_path(web.clone(), srv.addr).await;
-    let timeout = Duration::from_millis(300);
-    let (t, q) = tunnels_with_quic(client.clone(), timeout);
-    let (mut s, _) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
-    assert_eq!(round_trip(&mut s, b"x").await, b"x");
-    path.cut();
+    let lab = QuicLab::new(None).await;
+    lab.warm().await;
+    lab.path.cut();
     // Nothing of the app's yet (a server-first protocol, or bytes not yet
     // sent): nothing can be delivered twice, so this same stream moves.
-    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
+    let (mut s, kind) = lab.open(lab.app, &[]).await.unwrap();
     assert_eq!(kind, "dedicated");
     assert_eq!(round_trip(&mut s, b"over tcp").await, b"over tcp");
-    assert!(q.is_broken(path.addr));
+    assert!(lab.q.is_broken(lab.path.addr));
 }
 
 #[tokio::test]
 async fn when_only_the_peers_answers_are_lost_the_apps_first_bytes_reach_it_once() {
-    let (_mesh, web, client, app, _tcp) = web_and_client().await;
+    let lab = QuicLab::new(None).await;
     let (recorder, mut seen) = recording_app().await;
-    let srv = quic_server(web.clone()).await;
-    let path = cuttable_path(web.clone(), srv.addr).await;
-    let timeout = Duration::from_millis(300);
-    let (t, q) = tunnels_with_quic(client.clone(), timeout);
-    let (mut s, _) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
-    assert_eq!(round_trip(&mut s, b"x").await, b"x");
+    lab.warm().await;
     // A firewall that drops only what comes back.
-    path.to_client.store(true, Ordering::SeqCst);
-    let early = [Bytes::from_static(b"POST /pay")];
-    let err = open_over(
-        &t,
-        Transport::Quic,
-        path.addr,
-        web.spiffe_id(),
-        recorder,
-        &early,
-    )
-    .await
-    .map(|(_, kind)| kind)
-    .unwrap_err();
+    lab.path.to_client.store(true, Ordering::SeqCst);
+    let err = lab
+        .refused(recorder, &[Bytes::from_static(b"POST /pay")])
+        .await;
     assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
     // The peer got the stream and delivered the bytes; the caller did not
     // send them again over TCP.
@@ -1373,12 +1381,11 @@ async fn when_only_the_peers_answers_are_lost_the_apps_first_bytes_reach_it_once
         recorded(&mut seen, Duration::from_secs(1)).await,
         b"POST /pay"
     );
-    assert!(q.is_broken(path.addr));
+    assert!(lab.q.is_broken(lab.path.addr));
 }
 
 #[tokio::test]
 async fn a_slow_peer_on_a_working_path_keeps_its_quic_connection() {
-    let (_mesh, web, client, app, _tcp) = web_and_client().await;
     let slow = {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         l.local_addr().unwrap()
@@ -1399,66 +1406,43 @@ async fn a_slow_peer_on_a_working_path_keeps_its_quic_connection() {
         }
         .boxed()
     });
-    let srv = quic_server_with(web.clone(), handler, Counter::default());
-    let path = cuttable_path(web.clone(), srv).await;
-    let timeout = Duration::from_millis(300);
-    let (t, q) = tunnels_with_quic(client.clone(), timeout);
-    let (mut open, _) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
-    let err = open_over(
-        &t,
-        Transport::Quic,
-        path.addr,
-        web.spiffe_id(),
-        slow,
-        &[Bytes::from_static(b"x")],
-    )
-    .await
-    .map(|(_, kind)| kind)
-    .unwrap_err();
+    let lab = QuicLab::new(Some(handler)).await;
+    let mut open = lab.warm().await;
+    let err = lab.refused(slow, &[Bytes::from_static(b"x")]).await;
     assert!(err.to_string().contains("no answer to CONNECT"), "{err}");
     assert!(!err.to_string().contains("nothing else"), "{err}");
     // The peer's packets kept coming: not marked, and the connection and
     // the stream already open on it carry on.
-    assert!(!q.is_broken(path.addr));
-    assert_eq!(q.marked(), 0);
+    assert!(!lab.q.is_broken(lab.path.addr));
+    assert_eq!(lab.q.marked(), 0);
     assert_eq!(round_trip(&mut open, b"still here").await, b"still here");
-    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
+    let (mut s, kind) = lab.open(lab.app, &[]).await.unwrap();
     assert_eq!(kind, "quic");
     assert_eq!(round_trip(&mut s, b"new").await, b"new");
-    assert_eq!(q.handshakes(), 1);
+    assert_eq!(lab.q.handshakes(), 1);
 }
 
 #[tokio::test]
 async fn a_peer_whose_udp_never_answers_is_reached_over_tcp_from_the_first_stream() {
-    let (_mesh, web, client, app, _tcp) = web_and_client().await;
-    let srv = quic_server(web.clone()).await;
-    let path = cuttable_path(web.clone(), srv.addr).await;
-    path.cut();
-    let timeout = Duration::from_millis(300);
-    let (t, q) = tunnels_with_quic(client.clone(), timeout);
+    let lab = QuicLab::new(None).await;
+    lab.path.cut();
     // No handshake: nothing of the stream was sent, so it goes over TCP,
     // the app's first bytes with it.
-    let early = [Bytes::from_static(b"first")];
-    let (s, kind) = open_over(&t, Transport::Auto, path.addr, web.spiffe_id(), app, &early)
+    let (s, kind) = lab
+        .open(lab.app, &[Bytes::from_static(b"first")])
         .await
         .unwrap();
     assert_eq!(kind, "dedicated");
     assert_eq!(finish(s).await, b"first");
-    assert!(q.is_broken(path.addr));
-    assert_eq!((q.dials(), q.handshakes()), (1, 0));
+    assert!(lab.q.is_broken(lab.path.addr));
+    assert_eq!((lab.q.dials(), lab.q.handshakes()), (1, 0));
     // Once the path is open again QUIC is not tried until the mark expires
     // (5 minutes), so streams keep to TCP.
-    path.to_server.store(false, Ordering::SeqCst);
-    path.to_client.store(false, Ordering::SeqCst);
-    idle_soon(&t, 1).await;
-    let (mut s, kind) = open_over(&t, Transport::Quic, path.addr, web.spiffe_id(), app, &[])
-        .await
-        .unwrap();
+    lab.path.to_server.store(false, Ordering::SeqCst);
+    lab.path.to_client.store(false, Ordering::SeqCst);
+    idle_soon(&lab.t, 1).await;
+    let (mut s, kind) = lab.open(lab.app, &[]).await.unwrap();
     assert_eq!(kind, "dedicated");
     assert_eq!(round_trip(&mut s, b"tcp").await, b"tcp");
-    assert_eq!(q.dials(), 1);
+    assert_eq!(lab.q.dials(), 1);
 }
