@@ -570,18 +570,17 @@ impl Tunnels {
             if want_quic && !q.is_broken(key.addr) {
                 match q.open(key, authority, service, early).await {
                     Ok(s) => return Ok(Stream::Quic(s)),
+                    Err(e) if !q.is_broken(key.addr) => return Err(e.error),
                     // The peer's QUIC went unanswered. This stream goes
                     // over TCP unless the app's bytes may have reached the
                     // peer's app already (sent on a path that lost only
                     // the answers): those are never sent twice.
-                    Err(e) if q.is_broken(key.addr) && (!e.sent || early.is_empty()) => {
-                        tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for it");
+                    Err(e) if e.sent && !early.is_empty() => {
+                        tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for its next streams");
+                        return Err(e.error);
                     }
                     Err(e) => {
-                        if q.is_broken(key.addr) {
-                            tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for its next streams");
-                        }
-                        return Err(e.error);
+                        tracing::warn!(peer = %key.addr, error = %e, "QUIC to peer failed; using TCP for it");
                     }
                 }
             }
